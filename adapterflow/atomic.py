@@ -1,0 +1,206 @@
+"""Crash-safe file and directory writes.
+
+A single file lands through a temp file in the same folder, fsync and rename. A whole save directory (weights,
+config, model card, adapter subfolders) lands through a staging folder next to it that is swapped in with one
+atomic `renameat2(RENAME_EXCHANGE)`: after a crash at any moment the directory is either exactly as it was or
+holds the complete new content, never a mix. Entries of the old directory that the new content does not
+replace (other adapters' folders, the user's own files) are hard-linked into the staging folder first, so they
+survive the swap without being copied.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterator
+
+_STAGING_MARK = ".staging-"
+_BACKUP_MARK = ".replaced-"
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Make a rename or a new entry in `path` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_file_atomic(path: str | os.PathLike, data: bytes | Callable[[int], None], fsync: bool = True) -> None:
+    """Write `data` (bytes, or a callable writing to a file descriptor) to `path` via temp file + fsync + rename."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        try:
+            if callable(data):
+                data(fd)
+            else:
+                _write_all(fd, data)
+            os.fchmod(fd, 0o644)
+            if fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    if fsync:
+        fsync_dir(path.parent)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+@contextlib.contextmanager
+def staged_directory(target: str | os.PathLike, keep: Callable[[Path], bool] = lambda rel: True) -> Iterator[Path]:
+    """Yield an empty staging folder; on normal exit its content atomically becomes `target`.
+
+    Args:
+        target: the directory to create or replace.
+        keep: called with the path (relative to target) of each old entry the new content does not contain;
+            False drops it (e.g. a stale weights file of the other format), True carries it over.
+
+    Raises:
+        ValueError: `target` exists and is not a directory.
+    """
+    # realpath: "..", "." and symlinked folders name the real directory, which is what gets replaced.
+    target = Path(os.path.realpath(target))
+    if target.exists() and not target.is_dir():
+        raise ValueError(f"Provided path ({target}) should be a directory, not a file")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _recover_interrupted(target)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}{_STAGING_MARK}{os.getpid()}-", dir=target.parent))
+    try:
+        yield staging
+        _commit(staging, target, keep)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _commit(staging: Path, target: Path, keep: Callable[[Path], bool]) -> None:
+    staging.chmod(0o755)
+    if not target.exists():
+        _fsync_tree(staging)
+        os.rename(staging, target)
+        fsync_dir(target.parent)
+        return
+    _carry_over(target, staging, Path(), keep)
+    _fsync_tree(staging)
+    cwd_inside = _cwd_relative_to(target)
+    try:
+        _exchange(staging, target)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EPERM):
+            raise
+        _swap_with_backup(staging, target)
+    fsync_dir(target.parent)
+    if cwd_inside is not None:
+        # The process' working directory was inside the old tree, which now sits at the staging path and is
+        # about to be deleted; follow the path to the new tree instead.
+        os.chdir(target / cwd_inside)
+
+
+def _carry_over(old_root: Path, new_root: Path, rel: Path, keep: Callable[[Path], bool]) -> None:
+    """Hard-link every entry of old_root/rel that new_root/rel lacks; recurse into folders present in both."""
+    for entry in os.scandir(old_root / rel):
+        entry_rel = rel / entry.name
+        new_path = new_root / entry_rel
+        if new_path.is_dir() and entry.is_dir(follow_symlinks=False):
+            _carry_over(old_root, new_root, entry_rel, keep)
+        elif new_path.exists() or new_path.is_symlink() or not keep(entry_rel):
+            continue
+        elif entry.is_symlink():
+            os.symlink(os.readlink(entry.path), new_path)
+        elif entry.is_dir():
+            new_path.mkdir()
+            _carry_over(old_root, new_root, entry_rel, keep)
+        else:
+            try:
+                os.link(entry.path, new_path)
+            except OSError:  # a file system without hard links: fall back to a copy
+                shutil.copy2(entry.path, new_path)
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            if not os.path.islink(path):
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        fsync_dir(dirpath)
+
+
+def _exchange(a: Path, b: Path) -> None:
+    """Atomically swap two paths (Linux renameat2 with RENAME_EXCHANGE)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    renameat2 = getattr(libc, "renameat2", None)
+    if renameat2 is None:
+        raise OSError(errno.ENOSYS, "renameat2 is not available")
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), str(b))
+
+
+def _swap_with_backup(staging: Path, target: Path) -> None:
+    """Fallback where RENAME_EXCHANGE is unsupported: two renames; a crash between them is undone on next save."""
+    backup = target.parent / f".{target.name}{_BACKUP_MARK}{os.getpid()}"
+    os.rename(target, backup)
+    os.rename(staging, target)
+    os.rename(backup, staging)  # the finally-clause of staged_directory deletes it
+
+
+def _recover_interrupted(target: Path) -> None:
+    """Clean up after a save that crashed: stale staging folders go, a replaced-but-not-restored target returns."""
+    prefix = f".{target.name}"
+    for entry in target.parent.iterdir():
+        rest = entry.name[len(prefix) :] if entry.name.startswith(prefix) else ""
+        mark = next((m for m in (_STAGING_MARK, _BACKUP_MARK) if rest.startswith(m)), None)
+        if mark is None:
+            continue
+        pid = rest[len(mark) :].split("-")[0]
+        if pid.isdigit() and _pid_alive(int(pid)):
+            continue  # another save in progress
+        if mark == _BACKUP_MARK and not target.exists():
+            os.rename(entry, target)
+        else:
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _cwd_relative_to(root: Path) -> Path | None:
+    try:
+        cwd = Path.cwd()
+    except FileNotFoundError:
+        return None
+    try:
+        return cwd.relative_to(root)
+    except ValueError:
+        return None

@@ -1,0 +1,133 @@
+"""LoRA initialisation methods, looked up by name in a registry per layer kind.
+
+Every method fills A (shape r x in) and B (shape out x r) of one adapter of one layer. Linear layers and
+embeddings use different defaults (as in PEFT and the reference LoRA code), so each layer class points at its
+own registry. PiSSA also rewrites the base weight; for embeddings PEFT applies its standard embedding init
+instead, and so do we, so that a PiSSA adapter means the same thing in both libraries.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import TYPE_CHECKING, Callable, Union
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from adapterflow.layers import LoraLayer
+
+_PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
+SUPPORTED = 'True, False, "gaussian", "pissa" or "pissa_niter_<K>"'
+
+
+def parse_init_method(value: Union[bool, str]) -> tuple[str, dict]:
+    """Normalise `init_lora_weights` to (registry name, options); ValueError for anything unsupported."""
+    if value is True:
+        return "default", {}
+    if value is False:
+        return "random", {}
+    if isinstance(value, str):
+        if value.lower() == "gaussian":
+            return "gaussian", {}
+        if value == "pissa":
+            return "pissa", {"niter": None}
+        match = _PISSA_NITER.fullmatch(value)
+        if match:
+            return "pissa", {"niter": int(match.group(1))}
+    raise ValueError(f"init_lora_weights={value!r} is not supported; use {SUPPORTED}.")
+
+
+def is_pissa(value: Union[bool, str]) -> bool:
+    return isinstance(value, str) and value.startswith("pissa")
+
+
+def is_randomized_pissa(value: Union[bool, str]) -> bool:
+    return isinstance(value, str) and _PISSA_NITER.fullmatch(value) is not None
+
+
+# Linear layers ---------------------------------------------------------------------------------------------------
+
+
+def _linear_default(layer: "LoraLayer", adapter: str) -> None:
+    # A like nn.Linear's default init, B zero, so the adapter starts as a no-op (Microsoft's loralib, PEFT).
+    nn.init.kaiming_uniform_(layer.lora_a(adapter), a=math.sqrt(5))
+    nn.init.zeros_(layer.lora_b(adapter))
+
+
+def _linear_gaussian(layer: "LoraLayer", adapter: str) -> None:
+    nn.init.normal_(layer.lora_a(adapter), std=1 / layer.r[adapter])
+    nn.init.zeros_(layer.lora_b(adapter))
+
+
+def _linear_random(layer: "LoraLayer", adapter: str) -> None:
+    # init_lora_weights=False: both factors random, the adapter changes outputs from the start (PEFT: nn.Linear init).
+    nn.init.kaiming_uniform_(layer.lora_a(adapter), a=math.sqrt(5))
+    nn.init.kaiming_uniform_(layer.lora_b(adapter), a=math.sqrt(5))
+
+
+@torch.no_grad()
+def _linear_pissa(layer: "LoraLayer", adapter: str, niter: int | None) -> None:
+    """PiSSA (arXiv:2404.02948): A, B from the top-r singular triplets of W, W replaced by the residual.
+
+    With W = U S Vh and s = scaling: A0 = sqrt(S_r / s) Vh_r, B0 = U_r sqrt(S_r / s), so s * B0 @ A0 is the best
+    rank-r approximation of W and W_res = W - s * B0 @ A0. The SVD runs in fp32; the residual is cast back.
+    """
+    weight = layer.base_weight_matrix()  # (out, in), a view of the base parameter
+    if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(
+            f"PiSSA needs a float32, float16 or bfloat16 base weight, got {weight.dtype}; initialise PiSSA before "
+            f"quantising the base model."
+        )
+    r, scaling = layer.r[adapter], layer.scaling[adapter]
+    work = weight.to(torch.float32, copy=True)
+    if niter is None:
+        u, s, vh = torch.linalg.svd(work, full_matrices=False)
+        u, s, vh = u[:, :r], s[:r], vh[:r]
+    else:
+        u, s, v = torch.svd_lowrank(work, q=r, niter=niter)
+        vh = v.T
+    sqrt_s = (s / scaling).sqrt()
+    lora_a = sqrt_s[:, None] * vh  # (r, in)
+    lora_b = u * sqrt_s[None, :]  # (out, r)
+    layer.lora_a(adapter).copy_(lora_a)
+    layer.lora_b(adapter).copy_(lora_b)
+    work.addmm_(lora_b, lora_a, alpha=-scaling)  # W_res = W - s * B0 @ A0, in place: no (out, in) temporaries
+    weight.copy_(work)
+
+
+# Embedding layers ------------------------------------------------------------------------------------------------
+
+
+def _embedding_default(layer: "LoraLayer", adapter: str) -> None:
+    # A zero, B normal (loralib's Embedding init), so the adapter starts as a no-op.
+    nn.init.zeros_(layer.lora_a(adapter))
+    nn.init.normal_(layer.lora_b(adapter))
+
+
+def _embedding_random(layer: "LoraLayer", adapter: str) -> None:
+    nn.init.normal_(layer.lora_a(adapter))
+    nn.init.normal_(layer.lora_b(adapter))
+
+
+def _embedding_pissa(layer: "LoraLayer", adapter: str, niter: int | None) -> None:
+    # PEFT gives targeted embeddings the standard embedding init under PiSSA and leaves their base weight alone.
+    _embedding_default(layer, adapter)
+
+
+InitMethod = Callable[..., None]
+
+LINEAR_INIT_METHODS: dict[str, InitMethod] = {
+    "default": _linear_default,
+    "gaussian": _linear_gaussian,
+    "random": _linear_random,
+    "pissa": _linear_pissa,
+}
+
+EMBEDDING_INIT_METHODS: dict[str, InitMethod] = {
+    "default": _embedding_default,
+    "gaussian": _embedding_default,  # PEFT has no gaussian variant for embeddings
+    "random": _embedding_random,
+    "pissa": _embedding_pissa,
+}

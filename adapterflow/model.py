@@ -1,0 +1,360 @@
+"""AdapterModel: a torch model with LoRA adapters injected, with PEFT's PeftModel API.
+
+Structure mirrors PEFT (`AdapterModel.base_model.model` is the wrapped model), so parameter names read
+`base_model.model.<path>.lora_A.<adapter>.weight` and state dicts are interchangeable with PEFT's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from adapterflow import formats
+from adapterflow.config import LoraConfig
+from adapterflow.init_methods import is_pissa, is_randomized_pissa
+from adapterflow.layers import AdapterLayer, LoraLayer, ModulesToSaveWrapper, is_conv1d, lora_layer_for
+from adapterflow.save import read_adapter, save_adapter_model
+from adapterflow.state_dict import (
+    SaveEmbeddingLayers,
+    adapter_layers,
+    bias_parameters,
+    load_adapter_state_dict,
+    match_checkpoint,
+)
+from adapterflow.targeting import plan_targets
+
+
+class LoraModel(nn.Module):
+    """Holds the adapted model as `.model`, so that names read `base_model.model.<path>` as in PEFT."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+
+class AdapterModel(nn.Module):
+    """A model with one or more LoRA adapters; one adapter is active at a time.
+
+    Create it with `get_adapter_model(model, config)` or load one with `AdapterModel.from_pretrained`.
+    Attributes the wrapper does not have (`config`, `generate`, ...) are read from the wrapped model.
+    """
+
+    def __init__(self, model: nn.Module, config: LoraConfig, adapter_name: str = formats.DEFAULT_ADAPTER_NAME,
+                 *, initialize: bool = True) -> None:
+        super().__init__()
+        if isinstance(model, AdapterModel) or any(isinstance(m, AdapterLayer) for m in model.modules()):
+            raise ValueError("The model already has adapters; add more with AdapterModel.add_adapter(name, config).")
+        self.base_model = LoraModel(model)
+        self.peft_config: dict[str, LoraConfig] = {}
+        self.active_adapter: str | None = adapter_name
+        model.requires_grad_(False)
+        self._inject(adapter_name, config, initialize)
+        self.set_adapter(adapter_name)
+
+    # Construction and loading -------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, model_id_or_path: str | os.PathLike,
+                        adapter_name: str = formats.DEFAULT_ADAPTER_NAME, is_trainable: bool = False,
+                        subfolder: str | None = None) -> "AdapterModel":
+        """Wrap `model` and load a saved adapter (ours or PEFT's) into it.
+
+        Args:
+            model: the base model the adapter was trained on (for a converted PiSSA adapter: the original one).
+            model_id_or_path: a local adapter folder (download Hub repos first, e.g. with snapshot_download).
+            adapter_name: the name the adapter gets in this model.
+            is_trainable: False (default) freezes the adapter and puts the model in eval mode.
+            subfolder: a subfolder of model_id_or_path, e.g. the folder of a non-default adapter.
+
+        Raises:
+            FileNotFoundError: no adapter at the path.
+            adapterflow.state_dict.AdapterLoadError: keys or shapes of the checkpoint do not fit the model.
+            adapterflow.config.ConfigError: the config uses a PEFT feature we do not implement.
+        """
+        folder = _adapter_folder(model_id_or_path, subfolder)
+        state, config = read_adapter(folder)
+        config.inference_mode = not is_trainable
+        adapter_model = cls(model, config, adapter_name, initialize=False)
+        try:
+            adapter_model._load_state(adapter_name, config, state)
+        except Exception:
+            adapter_model.delete_adapter(adapter_name)  # leave the user's model as it was
+            raise
+        if not is_trainable:
+            adapter_model.eval()
+        return adapter_model
+
+    def load_adapter(self, model_id_or_path: str | os.PathLike, adapter_name: str, is_trainable: bool = False,
+                     subfolder: str | None = None) -> None:
+        """Load a saved adapter as an additional adapter called `adapter_name` (it does not become active)."""
+        if adapter_name in self.peft_config:
+            raise ValueError(f"Adapter {adapter_name!r} already exists; delete it first or pick another name.")
+        state, config = read_adapter(_adapter_folder(model_id_or_path, subfolder))
+        config.inference_mode = not is_trainable
+        self._inject(adapter_name, config, initialize=False)
+        try:
+            self._load_state(adapter_name, config, state)
+        except Exception:
+            self.delete_adapter(adapter_name)
+            raise
+        self._apply_active()
+        if not is_trainable:
+            self.eval()
+
+    def _load_state(self, adapter_name: str, config: LoraConfig, state: dict[str, torch.Tensor]) -> None:
+        pairs = match_checkpoint(self, state, adapter_name)  # every key checked before anything changes
+        if is_pissa(config.init_lora_weights):
+            # The checkpoint was trained on a residual: recompute it from this (original) base model, as PEFT does.
+            if is_randomized_pissa(config.init_lora_weights):
+                warnings.warn(
+                    f"Loading a PiSSA adapter saved without conversion ({config.init_lora_weights!r}): the randomized "
+                    f"SVD runs again and gives a different residual, so outputs differ from the trained model. Save "
+                    f"it with path_initial_model_for_weight_conversion to get an exact LoRA adapter.",
+                    stacklevel=3,
+                )
+            for _, layer in self._lora_layers(adapter_name):
+                layer.initialize(adapter_name, config.init_lora_weights)
+        load_adapter_state_dict(pairs, state)
+
+    def add_adapter(self, adapter_name: str, config: LoraConfig) -> None:
+        """Inject a new, initialised adapter; it stays inactive (and frozen) until `set_adapter(adapter_name)`."""
+        if adapter_name in self.peft_config:
+            raise ValueError(f"Adapter {adapter_name!r} already exists; delete it first or pick another name.")
+        self._inject(adapter_name, config, initialize=True)
+        self._apply_active()
+
+    def _inject(self, adapter_name: str, config: LoraConfig, initialize: bool) -> None:
+        formats.check_adapter_name(adapter_name)
+        model = self.base_model.model
+        config = copy.deepcopy(config)
+        if config.base_model_name_or_path is None:
+            config.base_model_name_or_path = getattr(model, "name_or_path", None) or None
+        if config.task_type is None and "auto_mapping" not in config.extra_fields:
+            # PEFT records the model class so AutoPeftModel can rebuild it when no task type says which.
+            cls = type(model)
+            config.extra_fields["auto_mapping"] = {"base_model_class": cls.__name__, "parent_library": cls.__module__}
+        plan = plan_targets(model, config)
+        config.target_modules = plan.target_modules
+        modules = {path: model.get_submodule(path) for path in plan.lora_modules}
+        if is_pissa(config.init_lora_weights) and initialize:
+            _check_pissa_targets(model, modules)
+        if any(is_conv1d(m) for m in modules.values()) and not config.fan_in_fan_out:
+            # As PEFT: Conv1D stores weights (in, out), which the saved config must say.
+            config.fan_in_fan_out = True
+        for path, module in modules.items():
+            layer = module if isinstance(module, LoraLayer) else lora_layer_for(module)(module)
+            if layer is not module:
+                _replace_module(model, path, layer)
+            r, alpha = config.rank_and_alpha(path)
+            layer.add_adapter(adapter_name, r, alpha, config.lora_dropout, config.use_rslora)
+            if initialize:
+                layer.initialize(adapter_name, config.init_lora_weights)
+        for path in plan.modules_to_save:
+            module = model.get_submodule(path)
+            wrapper = module if isinstance(module, ModulesToSaveWrapper) else ModulesToSaveWrapper(module)
+            if wrapper is not module:
+                _replace_module(model, path, wrapper)
+            wrapper.add_adapter(adapter_name)
+        self.peft_config[adapter_name] = config
+
+    # Adapter management -------------------------------------------------------------------------------------
+
+    def set_adapter(self, adapter_name: str) -> None:
+        """Make `adapter_name` the active adapter; only its parameters are trainable (unless inference_mode)."""
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"Adapter {adapter_name!r} not found; adapters: {list(self.peft_config)}.")
+        self.active_adapter = adapter_name
+        self._apply_active()
+
+    def _apply_active(self) -> None:
+        active = [self.active_adapter] if self.active_adapter else []
+        config = self.peft_config.get(self.active_adapter)
+        trainable = config is not None and not config.inference_mode
+        for _, layer in adapter_layers(self):
+            layer.set_active(active, trainable)
+        for param in bias_parameters(self, config.bias if config else "none").values():
+            param.requires_grad_(trainable)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove an adapter; layers left without adapters are unwrapped (the base weights stay as they are)."""
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"Adapter {adapter_name!r} not found; adapters: {list(self.peft_config)}.")
+        for path, layer in list(adapter_layers(self.base_model.model)):
+            layer.delete_adapter(adapter_name)
+            if not layer.adapter_names:
+                _replace_module(self.base_model.model, path, _unwrapped(layer))
+        del self.peft_config[adapter_name]
+        if self.active_adapter == adapter_name:
+            self.active_adapter = next(iter(self.peft_config), None)
+        self._apply_active()
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Run the base model alone inside the `with` block."""
+        layers = [layer for _, layer in adapter_layers(self)]
+        for layer in layers:
+            layer.disabled = True
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer.disabled = False
+
+    def merge_and_unload(self) -> nn.Module:
+        """Fold the active adapter into the base weights and return the plain base model."""
+        model = self.base_model.model
+        for path, layer in list(adapter_layers(model)):
+            if isinstance(layer, LoraLayer):
+                layer.merge()
+            _replace_module(model, path, _unwrapped(layer))
+        self.peft_config.clear()
+        self.active_adapter = None
+        return model
+
+    # Saving -------------------------------------------------------------------------------------------------
+
+    def save_pretrained(self, save_directory: str | os.PathLike, safe_serialization: bool = True,
+                        selected_adapters: Sequence[str] | None = None,
+                        save_embedding_layers: SaveEmbeddingLayers = "auto", is_main_process: bool = True,
+                        convert_pissa_to_lora: str | os.PathLike | None = None,
+                        path_initial_model_for_weight_conversion: str | os.PathLike | None = None,
+                        **kwargs: Any) -> list[Path]:
+        """Save the adapters (not the base model) in PEFT's format.
+
+        Args:
+            save_directory: created if missing. "default" is saved at its root, other adapters in subfolders.
+            safe_serialization: adapter_model.safetensors (default) or adapter_model.bin.
+            selected_adapters: names to save (default: all).
+            save_embedding_layers: True, False or "auto" (when an embedding is targeted or the vocabulary was
+                resized against the base model's local config.json).
+            is_main_process: False writes nothing (for the non-zero ranks of distributed training).
+            convert_pissa_to_lora: deprecated alias of path_initial_model_for_weight_conversion.
+            path_initial_model_for_weight_conversion: folder of the PiSSA adapter saved before training; the
+                trained adapter is saved as an equivalent rank-2r LoRA adapter for the original base model.
+
+        Returns:
+            The written files.
+
+        Raises:
+            ValueError: save_directory is a file, unknown selected_adapters, or a conversion that cannot be
+                done (adapterflow.pissa.ConversionError). Nothing is written then.
+            TypeError: an unknown keyword argument.
+        """
+        if kwargs:
+            raise TypeError(f"save_pretrained() got unexpected keyword arguments {sorted(kwargs)}.")
+        initial_path = _conversion_path(convert_pissa_to_lora, path_initial_model_for_weight_conversion)
+        return save_adapter_model(self, save_directory, safe_serialization, selected_adapters,
+                                  save_embedding_layers, is_main_process, initial_path)
+
+    # Passthrough and helpers --------------------------------------------------------------------------------
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.base_model(*args, **kwargs)
+
+    def get_base_model(self) -> nn.Module:
+        return self.base_model.model
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        params = {id(p): p for p in self.parameters()}.values()
+        return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
+    def _lora_layers(self, adapter_name: str) -> list[tuple[str, LoraLayer]]:
+        return [(p, l) for p, l in adapter_layers(self) if isinstance(l, LoraLayer) and adapter_name in l.adapter_names]
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model.model, name)
+
+
+def get_adapter_model(model: nn.Module, config: LoraConfig,
+                      adapter_name: str = formats.DEFAULT_ADAPTER_NAME) -> AdapterModel:
+    """Inject a LoRA adapter into `model` (modified in place) and return the AdapterModel wrapping it.
+
+    Only the adapter's parameters (and its modules_to_save copies, and biases per `config.bias`) are trainable.
+
+    Raises:
+        adapterflow.targeting.TargetError: target_modules matches nothing (the message lists the module names
+            that exist) or matches a layer type LoRA does not support.
+        adapterflow.config.ConfigError: an invalid config.
+    """
+    return AdapterModel(model, config, adapter_name)
+
+
+def _adapter_folder(model_id_or_path: str | os.PathLike, subfolder: str | None) -> Path:
+    folder = Path(model_id_or_path) / (subfolder or "")
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"No adapter folder at {folder}. adapterflow loads local folders only; for a Hub repo, download it "
+            f"first (huggingface_hub.snapshot_download(repo_id)) and pass the returned path."
+        )
+    return folder
+
+
+def _conversion_path(convert_pissa_to_lora, path_initial_model_for_weight_conversion):
+    if convert_pissa_to_lora is None:
+        return path_initial_model_for_weight_conversion
+    warnings.warn(
+        "`convert_pissa_to_lora` is deprecated; use `path_initial_model_for_weight_conversion` (same meaning).",
+        FutureWarning,
+        stacklevel=3,
+    )
+    if path_initial_model_for_weight_conversion is not None and os.path.normpath(
+        convert_pissa_to_lora
+    ) != os.path.normpath(path_initial_model_for_weight_conversion):
+        raise ValueError(
+            "convert_pissa_to_lora and path_initial_model_for_weight_conversion name different folders; pass only "
+            "path_initial_model_for_weight_conversion."
+        )
+    return convert_pissa_to_lora
+
+
+def _check_pissa_targets(model: nn.Module, modules: dict[str, nn.Module]) -> None:
+    """PiSSA rewrites base weights: refuse dtypes it cannot decompose and weights shared with other modules."""
+    owners: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(param), []).append(name)
+    problems = []
+    for path, module in modules.items():
+        base = module.base_layer if isinstance(module, LoraLayer) else module
+        if isinstance(base, nn.Embedding):
+            continue  # embeddings get the standard init under PiSSA (see init_methods)
+        if base.weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            problems.append(f"{path}: dtype {base.weight.dtype}; PiSSA needs fp32/fp16/bf16 (initialise before quantising).")
+        if len(owners.get(id(base.weight), [])) > 1:
+            problems.append(
+                f"{path}: its weight is shared with {owners[id(base.weight)]}; PiSSA would rewrite both. Untie the "
+                f"weights (tie_word_embeddings=False) or leave {path} out of target_modules."
+            )
+    if problems:
+        raise ValueError("PiSSA cannot initialise these modules:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def _unwrapped(layer: AdapterLayer) -> nn.Module:
+    if isinstance(layer, LoraLayer):
+        return layer.base_layer
+    if layer.active_adapters:
+        return layer.modules_to_save[layer.active_adapters[0]]
+    return layer.original_module
+
+
+def _replace_module(root: nn.Module, path: str, new: nn.Module) -> None:
+    parent_path, _, child = path.rpartition(".")
+    setattr(root.get_submodule(parent_path) if parent_path else root, child, new)

@@ -1,0 +1,148 @@
+"""save_pretrained, as the composition of three steps that the pipeline also runs one at a time:
+
+1. extract each selected adapter's state dict (`state_dict.get_adapter_state_dict`),
+2. optionally convert a PiSSA adapter to LoRA against its initial adapter (`pissa.convert_pissa_to_lora`),
+3. write all files into the save directory in one atomic step (`write_adapters`).
+
+Every check runs before the first byte is written, so a refused save leaves the disk untouched.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import warnings
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import torch
+
+from adapterflow import formats
+from adapterflow.atomic import staged_directory
+from adapterflow.config import LoraConfig
+from adapterflow.init_methods import is_randomized_pissa
+from adapterflow.model_card import render_model_card
+from adapterflow.pissa import convert_pissa_to_lora
+from adapterflow.serialization import read_weights, write_weights
+from adapterflow.state_dict import SaveEmbeddingLayers, get_adapter_state_dict
+
+Adapter = tuple[dict[str, torch.Tensor], LoraConfig]
+
+
+def write_adapters(
+    save_directory: str | os.PathLike, adapters: Mapping[str, Adapter], safe_serialization: bool = True
+) -> list[Path]:
+    """Write adapters (name -> (state dict, config)) and the model card into `save_directory`, atomically.
+
+    "default" goes to the root, any other adapter to `<save_directory>/<name>/`. Files of the directory that
+    are not rewritten stay, except a weights file of the other format in a rewritten adapter folder, which would
+    shadow the new one (loaders read safetensors first).
+
+    Returns:
+        The paths of the written files, inside `save_directory`.
+    """
+    for name in adapters:
+        formats.check_adapter_name(name)
+    root = Path(save_directory)
+    weights = formats.weights_name(safe_serialization)
+    stale = {formats.adapter_dir(Path(), name) / formats.weights_name(not safe_serialization) for name in adapters}
+    card_path = root / formats.MODEL_CARD_NAME
+    existing_card = card_path.read_text() if card_path.is_file() else None
+    written = []
+    with staged_directory(root, keep=lambda rel: rel not in stale) as staging:
+        for name, (state, config) in adapters.items():
+            folder = formats.adapter_dir(staging, name)
+            folder.mkdir(parents=True, exist_ok=True)
+            write_weights(folder / weights, state)
+            (folder / formats.CONFIG_NAME).write_text(config.for_saving().to_json_string())
+            written += [formats.adapter_dir(root, name) / n for n in (weights, formats.CONFIG_NAME)]
+        configs = {name: config for name, (_, config) in adapters.items()}
+        (staging / formats.MODEL_CARD_NAME).write_text(render_model_card(configs, existing_card))
+        written.append(card_path)
+    return written
+
+
+def read_adapter(folder: str | os.PathLike) -> Adapter:
+    """(state dict, config) of a saved adapter folder."""
+    return read_weights(folder), LoraConfig.from_pretrained(folder)
+
+
+def read_initial_adapter(path: str | os.PathLike) -> Adapter:
+    """The adapter saved right after PiSSA initialisation, with a clear error when it is not there."""
+    folder = Path(os.path.normpath(path))  # a trailing "/" is fine
+    if not (folder / formats.CONFIG_NAME).is_file():
+        raise FileNotFoundError(
+            f"No initial adapter at {folder} (no {formats.CONFIG_NAME}). PiSSA->LoRA conversion needs the adapter "
+            f"saved right after initialisation, before training: call model.save_pretrained({str(folder)!r}) "
+            f"before the first optimizer step and pass that folder."
+        )
+    return read_adapter(folder)
+
+
+def mark_initial_adapter_converted(path: str | os.PathLike, config: LoraConfig) -> None:
+    """Rewrite the initial adapter's config with init_lora_weights=True, as PEFT does, so that loading it later
+    does not run the PiSSA decomposition again on a base model that is already a residual."""
+    config = copy.deepcopy(config)
+    config.init_lora_weights = True
+    config.save_pretrained(os.path.normpath(path))
+
+
+def save_adapter_model(
+    model,
+    save_directory: str | os.PathLike,
+    safe_serialization: bool = True,
+    selected_adapters: Sequence[str] | None = None,
+    save_embedding_layers: SaveEmbeddingLayers = "auto",
+    is_main_process: bool = True,
+    path_initial_model_for_weight_conversion: str | os.PathLike | None = None,
+) -> list[Path]:
+    """`AdapterModel.save_pretrained` (see there); returns the written files ([] when not the main process)."""
+    if os.path.isfile(save_directory):
+        raise ValueError(f"Provided path ({save_directory}) should be a directory, not a file")
+    names = _selected(model.peft_config, selected_adapters)
+    if path_initial_model_for_weight_conversion is not None and len(names) != 1:
+        raise ValueError(
+            f"path_initial_model_for_weight_conversion converts one adapter, but {names} are selected; pass "
+            f"selected_adapters=[<the PiSSA adapter>]."
+        )
+    initial = None
+    if path_initial_model_for_weight_conversion is not None:
+        initial = read_initial_adapter(path_initial_model_for_weight_conversion)
+    adapters = {}
+    for name in names:
+        config = model.peft_config[name]
+        state = get_adapter_state_dict(model, config, name, save_embedding_layers)
+        if initial is not None:
+            state, config = convert_pissa_to_lora(state, config, *initial)
+        elif is_randomized_pissa(config.init_lora_weights):
+            warn_randomized_pissa(config.init_lora_weights)
+        adapters[name] = (state, config)
+    if not is_main_process:
+        return []
+    if initial is not None:
+        mark_initial_adapter_converted(path_initial_model_for_weight_conversion, initial[1])
+    return write_adapters(save_directory, adapters, safe_serialization)
+
+
+def warn_randomized_pissa(init_lora_weights: str) -> None:
+    warnings.warn(
+        f"Saving a PiSSA adapter initialised with {init_lora_weights!r} without conversion: loading it runs the "
+        f"randomized SVD again on the original base model and gets a different residual, so the reloaded model "
+        f"differs from the trained one. Save the adapter right after initialisation and pass that folder as "
+        f"path_initial_model_for_weight_conversion to get a plain LoRA adapter that reloads exactly.",
+        stacklevel=3,
+    )
+
+
+def _selected(peft_config: Mapping[str, LoraConfig], selected_adapters: Sequence[str] | None) -> list[str]:
+    if selected_adapters is None:
+        return list(peft_config)
+    if isinstance(selected_adapters, str):
+        raise TypeError(f"selected_adapters must be a list of names, got the string {selected_adapters!r}.")
+    unknown = [name for name in selected_adapters if name not in peft_config]
+    if unknown or not selected_adapters:
+        raise ValueError(
+            f"You passed an invalid `selected_adapters` arguments, current supported adapter names are "
+            f"{list(peft_config)} - got {list(selected_adapters)}."
+        )
+    return list(dict.fromkeys(selected_adapters))

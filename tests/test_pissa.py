@@ -1,0 +1,163 @@
+"""PiSSA initialisation and PiSSA -> LoRA conversion."""
+
+import json
+import math
+import shutil
+import warnings
+
+import pytest
+import torch
+
+from adapterflow import AdapterModel, ConversionError, LoraConfig, get_adapter_model
+from tiny import load_llama, logits, randomize_adapters
+
+PISSA = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "gate_proj"], task_type="CAUSAL_LM")
+
+
+def snapshot(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def trained_pissa(load_base, tmp_path, init="pissa", **overrides):
+    """A PiSSA model, its initial adapter saved under tmp_path/initial, then 'trained' (randomised)."""
+    model = get_adapter_model(load_base(), LoraConfig(init_lora_weights=init, **{**PISSA, **overrides}))
+    model.save_pretrained(tmp_path / "initial")
+    randomize_adapters(model)
+    return model
+
+
+@pytest.mark.parametrize("init", ["pissa", "pissa_niter_4"])
+def test_pissa_init_leaves_outputs_unchanged(init, load_base, input_ids):
+    base = load_base()
+    expected = logits(base, input_ids)
+    model = get_adapter_model(base, LoraConfig(init_lora_weights=init, **PISSA))
+    torch.testing.assert_close(logits(model, input_ids), expected, atol=1e-5, rtol=0)
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert layer.lora_B["default"].weight.abs().sum() > 0  # unlike default init, B is not zero
+    assert not torch.equal(layer.base_layer.weight, load_base().model.layers[0].self_attn.q_proj.weight)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_pissa_on_half_precision_keeps_dtypes(dtype, base_dir, input_ids):
+    base = load_llama(base_dir, dtype=dtype)
+    expected = logits(base, input_ids)
+    model = get_adapter_model(base, LoraConfig(init_lora_weights="pissa", **PISSA))
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert layer.base_layer.weight.dtype == dtype  # residual cast back
+    assert layer.lora_A["default"].weight.dtype == torch.float32  # adapters kept in fp32, as PEFT does
+    torch.testing.assert_close(logits(model, input_ids), expected, atol=0.05, rtol=0)
+
+
+@pytest.mark.parametrize("extra", [{}, {"use_rslora": True}, {"target_modules": ["embed_tokens", "q_proj"]},
+                                   {"modules_to_save": ["lm_head"]}, {"rank_pattern": {"gate_proj": 2}}])
+def test_converted_adapter_on_original_base_reproduces_trained_model(extra, load_base, input_ids, tmp_path):
+    model = trained_pissa(load_base, tmp_path, **extra)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # embed_tokens: "Setting save_embedding_layers to True"
+        model.save_pretrained(tmp_path / "converted", path_initial_model_for_weight_conversion=tmp_path / "initial")
+    reloaded = AdapterModel.from_pretrained(load_base(), tmp_path / "converted")
+    torch.testing.assert_close(logits(reloaded, input_ids), logits(model, input_ids), atol=1e-5, rtol=0)
+    config = json.loads((tmp_path / "converted" / "adapter_config.json").read_text())
+    assert config["r"] == 8 and config["init_lora_weights"] is True
+    expected_alpha = 8 * math.sqrt(2) if extra.get("use_rslora") else 16
+    assert config["lora_alpha"] == pytest.approx(expected_alpha)
+    assert config["rank_pattern"] == {k: 2 * v for k, v in extra.get("rank_pattern", {}).items()}
+    initial = json.loads((tmp_path / "initial" / "adapter_config.json").read_text())
+    assert initial["init_lora_weights"] is True and initial["r"] == 4  # rewritten as PEFT does
+
+
+def test_conversion_works_for_bin_and_initial_folder_named_default(load_base, input_ids, tmp_path):
+    """PEFT deletes the user's trained adapter when the initial folder is called like an adapter ('default')."""
+    model = get_adapter_model(load_base(), LoraConfig(init_lora_weights="pissa", **PISSA))
+    model.save_pretrained(tmp_path / "default")
+    randomize_adapters(model)
+    model.save_pretrained(tmp_path / "out", safe_serialization=False,
+                          path_initial_model_for_weight_conversion=str(tmp_path / "default") + "/")
+    assert model.peft_config["default"].init_lora_weights == "pissa"  # the live model is untouched
+    reloaded = AdapterModel.from_pretrained(load_base(), tmp_path / "out")
+    torch.testing.assert_close(logits(reloaded, input_ids), logits(model, input_ids), atol=1e-5, rtol=0)
+
+
+def test_save_with_conversion_leaves_rng_untouched(load_base, tmp_path):
+    model = trained_pissa(load_base, tmp_path, init="pissa_niter_2")
+    before = torch.get_rng_state()
+    model.save_pretrained(tmp_path / "converted", path_initial_model_for_weight_conversion=tmp_path / "initial")
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_convert_pissa_to_lora_is_a_deprecated_alias(load_base, tmp_path):
+    model = trained_pissa(load_base, tmp_path)
+    with pytest.warns(FutureWarning, match="path_initial_model_for_weight_conversion"):
+        model.save_pretrained(tmp_path / "converted", convert_pissa_to_lora=str(tmp_path / "initial"))
+    assert json.loads((tmp_path / "converted" / "adapter_config.json").read_text())["r"] == 8
+
+
+def test_saving_randomized_pissa_unconverted_warns(load_base, tmp_path):
+    model = get_adapter_model(load_base(), LoraConfig(init_lora_weights="pissa_niter_2", **PISSA))
+    with pytest.warns(UserWarning, match="randomized SVD.*path_initial_model_for_weight_conversion"):
+        model.save_pretrained(tmp_path / "out")
+    with pytest.warns(UserWarning, match="randomized SVD runs again"):
+        AdapterModel.from_pretrained(load_base(), tmp_path / "out")
+
+
+def assert_refused(model, tmp_path, match, **save_kwargs):
+    """The save raises with `match` and writes nothing: no output folder, initial adapter byte-identical."""
+    initial_before = snapshot(tmp_path / "initial") if (tmp_path / "initial").exists() else None
+    with pytest.raises((ValueError, FileNotFoundError), match=match):
+        model.save_pretrained(tmp_path / "out", **save_kwargs)
+    assert not (tmp_path / "out").exists()
+    if initial_before is not None:
+        assert snapshot(tmp_path / "initial") == initial_before
+
+
+def test_missing_initial_adapter_is_refused(load_base, tmp_path):
+    model = trained_pissa(load_base, tmp_path)
+    assert_refused(model, tmp_path, "No initial adapter at .*nope.*before training",
+                   path_initial_model_for_weight_conversion=tmp_path / "nope")
+
+
+def test_initial_adapter_with_other_targets_is_refused(load_base, tmp_path):
+    model = trained_pissa(load_base, tmp_path)
+    other = get_adapter_model(load_base(), LoraConfig(init_lora_weights="pissa", **{**PISSA, "target_modules": ["q_proj", "k_proj"]}))
+    shutil.rmtree(tmp_path / "initial")
+    other.save_pretrained(tmp_path / "initial")
+    assert_refused(model, tmp_path, r"different modules .*only in the trained adapter: .*gate_proj.*only in the initial adapter: .*k_proj",
+                   path_initial_model_for_weight_conversion=tmp_path / "initial")
+
+
+def test_initial_adapter_with_other_rank_is_refused(load_base, tmp_path):
+    model = trained_pissa(load_base, tmp_path)
+    other = get_adapter_model(load_base(), LoraConfig(init_lora_weights="pissa", **{**PISSA, "r": 2}))
+    shutil.rmtree(tmp_path / "initial")
+    other.save_pretrained(tmp_path / "initial")
+    assert_refused(model, tmp_path, r"ranks differ: trained r=4.*initial r=2(.|\n)*shapes differ",
+                   path_initial_model_for_weight_conversion=tmp_path / "initial")
+
+
+def test_rslora_with_patterns_is_refused(load_base, tmp_path):
+    model = trained_pissa(load_base, tmp_path, use_rslora=True, alpha_pattern={"q_proj": 4})
+    assert_refused(model, tmp_path, "use_rslora together with rank_pattern/alpha_pattern",
+                   path_initial_model_for_weight_conversion=tmp_path / "initial")
+
+
+def test_pissa_rewritten_output_head_saved_as_embedding_is_refused(load_base, tmp_path):
+    model = trained_pissa(load_base, tmp_path, target_modules=["q_proj", "lm_head"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert_refused(model, tmp_path, r"base weights of .*lm_head.*save_embedding_layers=False",
+                       path_initial_model_for_weight_conversion=tmp_path / "initial")
+    model.save_pretrained(tmp_path / "out", save_embedding_layers=False,
+                          path_initial_model_for_weight_conversion=tmp_path / "initial")
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
+
+
+def test_conversion_of_several_adapters_at_once_is_refused(load_base, tmp_path):
+    model = trained_pissa(load_base, tmp_path)
+    model.add_adapter("other", LoraConfig(r=2, target_modules=["k_proj"]))
+    assert_refused(model, tmp_path, r"converts one adapter.*selected_adapters",
+                   path_initial_model_for_weight_conversion=tmp_path / "initial")
+
+
+def test_pissa_on_tied_weights_is_refused(tied_base_dir):
+    with pytest.raises(ValueError, match=r"lm_head: its weight is shared with .*embed_tokens.*tie_word_embeddings=False"):
+        get_adapter_model(load_llama(tied_base_dir), LoraConfig(init_lora_weights="pissa", target_modules=["lm_head"]))
