@@ -89,11 +89,23 @@ def _linear_pissa(layer: "LoraLayer", adapter: str, niter: int | None) -> None:
         u, s, v = torch.svd_lowrank(work, q=r, niter=niter)
         vh = v.T
     sqrt_s = (s / scaling).sqrt()
-    lora_a = sqrt_s[:, None] * vh  # (r, in)
-    lora_b = u * sqrt_s[None, :]  # (out, r)
-    layer.lora_a(adapter).copy_(lora_a)
-    layer.lora_b(adapter).copy_(lora_b)
-    work.addmm_(lora_b, lora_a, alpha=-scaling)  # W_res = W - s * B0 @ A0, in place: no (out, in) temporaries
+    layer.lora_a(adapter).copy_(sqrt_s[:, None] * vh)  # (r, in)
+    layer.lora_b(adapter).copy_(u * sqrt_s[None, :])  # (out, r)
+    subtract_factors_from_base(layer, adapter, work)
+
+
+@torch.no_grad()
+def subtract_factors_from_base(layer: "LoraLayer", adapter: str, work: torch.Tensor | None = None) -> None:
+    """W <- W - s * B @ A with the adapter's current factors: the PiSSA residual. Given the same factors this is
+    bit-for-bit the residual that the initialisation produced, so a saved initial adapter restores it exactly.
+
+    Args:
+        work: an fp32 copy of the base weight matrix, if the caller already has one.
+    """
+    weight = layer.base_weight_matrix()
+    work = weight.to(torch.float32, copy=True) if work is None else work
+    lora_a, lora_b = layer.lora_a(adapter).to(torch.float32), layer.lora_b(adapter).to(torch.float32)
+    work.addmm_(lora_b, lora_a, alpha=-layer.scaling[adapter])  # in place: no (out, in) temporaries
     weight.copy_(work)
 
 

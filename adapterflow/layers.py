@@ -18,7 +18,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from adapterflow import formats
-from adapterflow.init_methods import EMBEDDING_INIT_METHODS, LINEAR_INIT_METHODS, parse_init_method
+from adapterflow.init_methods import (
+    EMBEDDING_INIT_METHODS,
+    LINEAR_INIT_METHODS,
+    parse_init_method,
+    subtract_factors_from_base,
+)
 
 
 class AdapterLayer(nn.Module):
@@ -109,6 +114,10 @@ class LoraLayer(AdapterLayer):
     def base_weight_matrix(self) -> torch.Tensor:
         raise NotImplementedError
 
+    def restore_pissa_residual(self, adapter: str) -> None:
+        """Turn the base weight into the PiSSA residual given this adapter's (initial) factors."""
+        raise NotImplementedError
+
     def lora_a(self, adapter: str) -> torch.Tensor:
         raise NotImplementedError
 
@@ -152,6 +161,9 @@ class LoraLinear(LoraLayer):
         self.lora_A[adapter] = nn.utils.skip_init(nn.Linear, self.in_features, r, **kwargs)
         self.lora_B[adapter] = nn.utils.skip_init(nn.Linear, r, self.out_features, **kwargs)
         self.lora_dropout[adapter] = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+
+    def restore_pissa_residual(self, adapter: str) -> None:
+        subtract_factors_from_base(self, adapter)
 
     def delete_adapter(self, adapter: str) -> None:
         super().delete_adapter(adapter)
@@ -200,6 +212,9 @@ class LoraEmbedding(LoraLayer):
 
     def base_weight_matrix(self) -> torch.Tensor:
         return self.base_layer.weight.data.T  # (embedding_dim, num_embeddings) = (out, in)
+
+    def restore_pissa_residual(self, adapter: str) -> None:
+        pass  # PiSSA leaves embeddings' base weights alone (see init_methods)
 
     def lora_a(self, adapter: str) -> torch.Tensor:
         return self.lora_embedding_A[adapter].data

@@ -94,6 +94,33 @@ class AdapterModel(nn.Module):
             adapter_model.eval()
         return adapter_model
 
+    @classmethod
+    def from_initial_adapter(cls, model: nn.Module, path: str | os.PathLike,
+                             adapter_name: str = formats.DEFAULT_ADAPTER_NAME) -> "AdapterModel":
+        """Rebuild a model exactly as it was right after initialisation, from the adapter saved at that moment.
+
+        For PiSSA, the saved factors A0, B0 are subtracted from the base weights (W_res = W - s * B0 @ A0) instead
+        of running the SVD again: for "pissa_niter_K" that SVD is randomized and would give another residual. The
+        adapter is trainable. Used to resume training and to rebuild a trained model in a fresh process.
+
+        Args:
+            model: the original base model.
+            path: the initial adapter folder, as saved right after get_adapter_model (its config still names
+                the PiSSA init; a folder whose config was rewritten by a conversion no longer does).
+        """
+        state, config = read_adapter(_adapter_folder(path, None))
+        config.inference_mode = False
+        adapter_model = cls(model, config, adapter_name, initialize=False)
+        try:
+            load_adapter_state_dict(match_checkpoint(adapter_model, state, adapter_name), state)
+        except Exception:
+            adapter_model.delete_adapter(adapter_name)
+            raise
+        if is_pissa(config.init_lora_weights):
+            for _, layer in adapter_model._lora_layers(adapter_name):
+                layer.restore_pissa_residual(adapter_name)
+        return adapter_model
+
     def load_adapter(self, model_id_or_path: str | os.PathLike, adapter_name: str, is_trainable: bool = False,
                      subfolder: str | None = None) -> None:
         """Load a saved adapter as an additional adapter called `adapter_name` (it does not become active)."""

@@ -161,3 +161,17 @@ def test_conversion_of_several_adapters_at_once_is_refused(load_base, tmp_path):
 def test_pissa_on_tied_weights_is_refused(tied_base_dir):
     with pytest.raises(ValueError, match=r"lm_head: its weight is shared with .*embed_tokens.*tie_word_embeddings=False"):
         get_adapter_model(load_llama(tied_base_dir), LoraConfig(init_lora_weights="pissa", target_modules=["lm_head"]))
+
+
+@pytest.mark.parametrize("init", ["pissa_niter_2", "pissa"])
+def test_initial_adapter_restores_the_exact_residual(init, load_base, input_ids, tmp_path):
+    """Resuming needs the model as it was after init: the saved factors give the residual bit for bit, where
+    running the randomized SVD again would not."""
+    torch.manual_seed(3)
+    model = get_adapter_model(load_base(), LoraConfig(init_lora_weights=init, **{**PISSA, "target_modules": ["q_proj", "embed_tokens"]}))
+    model.save_pretrained(tmp_path / "initial")
+    restored = AdapterModel.from_initial_adapter(load_base(), tmp_path / "initial")
+    for (name, ours), (_, theirs) in zip(model.state_dict().items(), restored.state_dict().items()):
+        assert torch.equal(ours, theirs), name
+    assert any(p.requires_grad for p in restored.parameters())
+    torch.testing.assert_close(logits(restored, input_ids), logits(model, input_ids), atol=0, rtol=0)
