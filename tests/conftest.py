@@ -5,8 +5,11 @@ set here at import time of the conftest, which pytest loads before any test modu
 """
 
 import os
+import sys
+import tempfile
 from pathlib import Path
 
+_SESSION_DIR = Path(tempfile.mkdtemp(prefix="adapterflow-tests-"))
 os.environ.update(
     {
         "DO_NOT_TRACK": "1",
@@ -17,6 +20,11 @@ os.environ.update(
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "TRANSFORMERS_VERBOSITY": "error",
         "TOKENIZERS_PARALLELISM": "false",
+        # Prefect reads its settings at import: a private home, fast retries, a patient ephemeral server.
+        "PREFECT_HOME": str(_SESSION_DIR / "prefect-home"),
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+        "ADAPTERFLOW_RETRY_BACKOFF": "0.05",
+        "ADAPTERFLOW_CACHE": str(_SESSION_DIR / "cache"),
     }
 )
 
@@ -47,3 +55,35 @@ def load_base(base_dir):
 @pytest.fixture(scope="session")
 def input_ids() -> torch.Tensor:
     return torch.randint(0, tiny.VOCAB, (2, 12), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="session")
+def prefect_api(tmp_path_factory):
+    """One real Prefect server for the whole session (`prefect server start`), used by in-process flows and by
+    subprocesses (pass `prefect_api` as PREFECT_API_URL)."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+    from servers import ServerProcess, free_port
+
+    port = free_port()
+    server = ServerProcess(
+        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        f"http://127.0.0.1:{port}/api/health", tmp_path_factory.mktemp("prefect") / "server.log",
+    ).start()
+    url = f"http://127.0.0.1:{port}/api"
+    try:
+        # Heartbeats only serve crash detection of deployed runs; without them a flow run ends ~1 s sooner.
+        with temporary_settings(updates={PREFECT_API_URL: url, PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+            yield url
+            _drain_prefect_workers()
+    finally:
+        server.stop()
+
+
+def _drain_prefect_workers() -> None:
+    # Logs and events still queued for the API must go out before the server stops, or exit hangs ~80 s.
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all()
+    EventsWorker.drain_all()

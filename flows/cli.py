@@ -1,0 +1,69 @@
+"""`adapterflow run [--config FILE.yaml] [--set key=value ...]`: run the save-adapter flow locally.
+
+Without PREFECT_API_URL, Prefect starts a temporary local API server for the run; with it, the run is recorded
+on that server. Parameters come from the embedded defaults, then the YAML file, then each --set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+for _name, _value in {"DO_NOT_TRACK": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
+                      "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "TRANSFORMERS_VERBOSITY": "error",
+                      "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"}.items():
+    os.environ.setdefault(_name, _value)  # before prefect is imported: its settings are read at import
+
+
+def parse_parameters(config_file: str | None, overrides: list[str]):
+    """Defaults < YAML file < --set overrides, validated by the flow's pydantic model."""
+    import yaml
+    from pydantic import ValidationError
+
+    from flows.parameters import SaveAdapterParameters, apply_overrides
+
+    data = {}
+    if config_file:
+        data = yaml.safe_load(Path(config_file).read_text()) or {}
+        if not isinstance(data, dict):
+            raise SystemExit(f"{config_file}: expected a mapping of parameter sections, got {type(data).__name__}")
+    try:
+        return SaveAdapterParameters.model_validate(apply_overrides(data, overrides))
+    except (ValidationError, ValueError) as exc:
+        raise SystemExit(f"Invalid parameters:\n{exc}") from None
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="adapterflow", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="run the save-adapter flow")
+    run.add_argument("--config", help="YAML file of flow parameters (sections: base_model, dataset, adapter, ...)")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override one parameter, e.g. --set training.steps=50 (repeatable)")
+    args = parser.parse_args(argv)
+    parameters = parse_parameters(args.config, args.overrides)
+
+    from flows.save_adapter import save_adapter
+
+    state = save_adapter(config=parameters, return_state=True)
+    if not state.is_completed():
+        print(f"save-adapter failed: {state.message}", file=sys.stderr)
+        raise SystemExit(1)
+    summary = state.result()
+    print(f"adapter:         {summary['adapter_dir']}")
+    print(f"run directory:   {summary['run_dir']}")
+    print(f"eval loss:       {summary['eval_loss_before']:.4f} -> {summary['eval_loss_after']:.4f}")
+    print(f"prefect run:     {summary['flow_run_id']} {_flow_run_url(summary['flow_run_id'])}")
+
+
+def _flow_run_url(flow_run_id: str) -> str:
+    from prefect.settings import PREFECT_UI_URL
+
+    ui = PREFECT_UI_URL.value()
+    return f"({ui}/runs/flow-run/{flow_run_id})" if ui else "(local temporary API; set PREFECT_API_URL to keep runs)"
+
+
+if __name__ == "__main__":
+    main()

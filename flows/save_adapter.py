@@ -1,0 +1,49 @@
+"""The `save-adapter` flow: train -> extract -> convert -> save -> verify, each a retryable Prefect task.
+
+Run it with `adapterflow run` (or `python -m flows.save_adapter`), or as a deployment:
+`prefect deployment run 'save-adapter/local'`.
+"""
+
+from __future__ import annotations
+
+from prefect import flow
+from prefect.runtime import flow_run
+
+from flows.parameters import SaveAdapterParameters
+from tasks.convert_pissa_to_lora import convert_pissa_to_lora_task
+from tasks.extract_adapter import extract_adapter
+from tasks.prepare_run import prepare_run
+from tasks.save_adapter import save_adapter as save_adapter_files
+from tasks.train_adapter import train_adapter
+from tasks.verify_adapter import verify_adapter_task
+
+
+@flow(name="save-adapter", log_prints=True)
+def save_adapter(config: SaveAdapterParameters = SaveAdapterParameters()) -> dict:
+    """Fine-tune a LoRA / PiSSA adapter and publish exactly the adapter.
+
+    Returns a summary: run and adapter folders, eval loss before/after, verification result, flow run id.
+    """
+    run_name = config.run_name or flow_run.get_id()
+    plan = prepare_run(config, run_name)
+    training = train_adapter(plan)
+    extracted = extract_adapter(plan)
+    source = convert_pissa_to_lora_task(plan, extracted)
+    saved = save_adapter_files(plan, source)
+    verification = verify_adapter_task(plan, saved)
+    print(f"Adapter saved to {saved['adapter_dir']} (verified: max |logit diff| {verification['max_abs_diff']:.2e})")
+    return {
+        "flow_run_id": flow_run.get_id(),
+        "run_dir": plan.run_dir,
+        "adapter_dir": saved["adapter_dir"],
+        "converted": saved["converted"],
+        "eval_loss_before": training["eval_loss_before"],
+        "eval_loss_after": training["eval_loss_after"],
+        "verification": verification,
+    }
+
+
+if __name__ == "__main__":
+    from flows.cli import main
+
+    main(["run", *__import__("sys").argv[1:]])

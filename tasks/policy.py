@@ -1,0 +1,53 @@
+"""What all pipeline tasks share: which failures are worth a retry, and the task options that follow from it.
+
+Transient failures (I/O hiccups, timeouts, dropped connections, 5xx answers) are retried with exponential
+backoff; permanent ones (bad configuration, missing files, a failed verification) fail at once, so the cause is
+the first thing visible in Prefect.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+
+from prefect.cache_policies import NO_CACHE
+from prefect.tasks import exponential_backoff
+
+# OSError numbers that a retry cannot fix.
+_PERMANENT_ERRNOS = {errno.ENOENT, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EISDIR,
+                     errno.ENOTDIR, errno.EEXIST, errno.ENAMETOOLONG}
+_PERMANENT_TYPES = (ValueError, TypeError, LookupError, NotImplementedError, AttributeError)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True when retrying the same call may succeed."""
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return True
+    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)):
+        return False
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return exc.errno not in _PERMANENT_ERRNOS
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    if isinstance(status, int):
+        return status >= 500 or status in (408, 429)
+    return not isinstance(exc, _PERMANENT_TYPES)
+
+
+def retry_transient(task, task_run, state) -> bool:
+    """Prefect retry_condition_fn: retry only transient failures."""
+    try:
+        state.result()
+    except BaseException as exc:  # noqa: BLE001 - classify whatever the task raised
+        return is_transient(exc)
+    return False
+
+
+# Retry delays grow 2 s, 4 s, 8 s...; tests shrink them with ADAPTERFLOW_RETRY_BACKOFF.
+RETRY_OPTIONS = dict(
+    retries=2,
+    retry_delay_seconds=exponential_backoff(backoff_factor=float(os.environ.get("ADAPTERFLOW_RETRY_BACKOFF", "2"))),
+    retry_jitter_factor=0.2,
+    retry_condition_fn=retry_transient,
+)
+# Results are small and rebuilt from the run directory; Prefect need not hash inputs or persist outputs.
+RESULT_OPTIONS = dict(cache_policy=NO_CACHE, persist_result=False)

@@ -1,0 +1,120 @@
+"""prepare-run: check every parameter against the real files before any training starts, and resolve them."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import torch
+from prefect import get_run_logger, task
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from adapterflow import ConfigError, TargetError, formats
+from adapterflow.base_models import load_tokenizer, resolve_base_model
+from adapterflow.data import DatasetError, dataset_sha256, load_examples, split_examples, tokenize
+from adapterflow.run_dir import RunDir, read_json, write_json
+from adapterflow.targeting import plan_targets
+from flows.parameters import SaveAdapterParameters, project_path
+from tasks.policy import RESULT_OPTIONS, RETRY_OPTIONS
+from tasks.run_plan import RunPlan
+
+
+class ParameterError(ValueError):
+    """Flow parameters that cannot work; the message lists every problem."""
+
+
+@task(name="prepare-run", **RETRY_OPTIONS, **RESULT_OPTIONS)
+def prepare_run(params: SaveAdapterParameters, run_name: str) -> RunPlan:
+    """Resolve the base model and dataset, check the adapter against the model and the output folder, and write
+    <run>/plan.json. Raises ParameterError listing everything that is wrong."""
+    run = RunDir(project_path(params.runs_root) / run_name)
+    problems: list[str] = []
+    base_path = _check(problems, lambda: resolve_base_model(params.base_model.name_or_path))
+    dataset = project_path(params.dataset.path) if not params.dataset.path.startswith("builtin:") else params.dataset.path
+    examples = _check(problems, lambda: load_examples(dataset))
+    config = _check(problems, lambda: params.adapter.lora_config(str(base_path)))
+    n_train = None
+    if base_path is not None and config is not None:
+        _check(problems, lambda: plan_targets(_meta_model(base_path), config))
+    if base_path is not None and examples is not None:
+        train_examples, _ = split_examples(examples, params.dataset.eval_fraction, params.training.seed)
+        tokenizer = load_tokenizer(base_path)
+        n_train = len(tokenize(train_examples, tokenizer, params.training.max_seq_len))
+        if n_train == 0:
+            problems.append(f"dataset {dataset}: no example keeps a completion token within max_seq_len="
+                            f"{params.training.max_seq_len}; raise training.max_seq_len.")
+    output_dir = project_path(params.save.output_dir) if params.save.output_dir else run.root / "adapter"
+    problems += _output_problems(output_dir, run)
+    if params.adapter.init.startswith("pissa_niter_") and not params.save.convert_pissa_to_lora:
+        problems.append(f"adapter.init={params.adapter.init} without save.convert_pissa_to_lora: reloading re-runs a "
+                        f"randomized SVD and gives another model, so verification would fail. Set "
+                        f"save.convert_pissa_to_lora=true, or use init 'pissa' (exact SVD).")
+    selected = params.save.selected_adapters
+    if selected is not None and selected != [params.adapter.name]:
+        problems.append(f"save.selected_adapters={selected}: this run trains one adapter, "
+                        f"{params.adapter.name!r}; use [{params.adapter.name!r}] or null.")
+    if problems:
+        raise ParameterError("Invalid save-adapter parameters:\n" + "\n".join(f"  - {p}" for p in problems))
+    plan = RunPlan(
+        run_dir=str(run.root), adapter_name=params.adapter.name, base_model_path=str(base_path),
+        dtype=params.base_model.dtype, dataset_path=str(dataset), dataset_sha256=dataset_sha256(dataset),
+        eval_fraction=params.dataset.eval_fraction, max_seq_len=params.training.max_seq_len,
+        lora_config=config.to_dict(), training=_training_settings(params, n_train), output_dir=str(output_dir),
+        safe_serialization=params.save.safe_serialization, save_embedding_layers=params.save.save_embedding_layers,
+        convert_pissa_to_lora=params.adapter.is_pissa and params.save.convert_pissa_to_lora,
+        atol=params.verify.atol or (1e-4 if params.base_model.dtype == "float32" else 5e-2),
+        parameters=params.model_dump(mode="json"),
+    )
+    run.root.mkdir(parents=True, exist_ok=True)
+    write_json(run.plan, plan.model_dump(mode="json"))
+    get_run_logger().info("Run directory %s; %d training examples", run.root, n_train)
+    return plan
+
+
+def _check(problems: list[str], step):
+    """Run one check; a failure becomes a problem line instead of stopping the others."""
+    try:
+        return step()
+    except (FileNotFoundError, DatasetError, ConfigError, TargetError, ValueError) as exc:
+        problems.append(str(exc))
+        return None
+
+
+def _meta_model(base_path: Path) -> torch.nn.Module:
+    # The module tree without weights: enough to match target_modules, at no memory cost.
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base_path))
+
+
+def _output_problems(output_dir: Path, run: RunDir) -> list[str]:
+    if output_dir.exists() and not output_dir.is_dir():
+        return [f"save.output_dir {output_dir} is an existing file; pass a folder."]
+    ancestor = output_dir
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not os.access(ancestor, os.W_OK):
+        return [f"save.output_dir {output_dir} is not writable ({ancestor} is read-only for this user)."]
+    holds_adapter = (output_dir / formats.CONFIG_NAME).is_file()
+    owned = run.plan.is_file() and read_json(run.plan).get("output_dir") == str(output_dir)
+    if holds_adapter and not owned:
+        return [f"save.output_dir {output_dir} already holds an adapter from another run; pick a new folder or "
+                f"delete it (runs never overwrite each other's adapters)."]
+    return []
+
+
+def _training_settings(params: SaveAdapterParameters, n_train: int) -> dict:
+    training = params.training
+    steps = training.steps
+    if steps is None:
+        per_epoch = math.ceil(n_train / training.batch_size / training.gradient_accumulation_steps)
+        steps = max(1, math.ceil(training.epochs * per_epoch))
+    device = training.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return dict(steps=steps, learning_rate=training.learning_rate, batch_size=training.batch_size,
+                gradient_accumulation_steps=training.gradient_accumulation_steps,
+                max_grad_norm=training.max_grad_norm, weight_decay=training.weight_decay,
+                warmup_steps=min(training.warmup_steps, steps), seed=training.seed,
+                checkpoint_every=training.checkpoint_every, device=device)
+

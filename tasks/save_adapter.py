@@ -1,0 +1,24 @@
+"""save-adapter: write the final adapter into the output folder (the core's atomic save), and list the files."""
+
+from __future__ import annotations
+
+import hashlib
+
+from prefect import task
+from prefect.artifacts import create_table_artifact
+
+from adapterflow import formats, read_adapter, write_adapters
+from tasks.policy import RESULT_OPTIONS, RETRY_OPTIONS
+from tasks.run_plan import RunPlan
+
+
+@task(name="save-adapter", **RETRY_OPTIONS, **RESULT_OPTIONS)
+def save_adapter(plan: RunPlan, source: dict) -> dict:
+    """Returns {"output_dir", "adapter_dir", "files": [{"name", "bytes", "sha256"}]}."""
+    state, config = read_adapter(source["path"])
+    written = write_adapters(plan.output_dir, {plan.adapter_name: (state, config)}, plan.safe_serialization)
+    files = [{"name": str(path.relative_to(plan.output_dir)), "bytes": path.stat().st_size,
+              "sha256": hashlib.sha256(path.read_bytes()).hexdigest()} for path in written]
+    create_table_artifact(key="saved-files", table=files, description=f"Adapter files in {plan.output_dir}")
+    return {"output_dir": plan.output_dir, "adapter_dir": str(formats.adapter_dir(plan.output_dir, plan.adapter_name)),
+            "files": files, "converted": source.get("converted", False)}

@@ -1,0 +1,61 @@
+"""train-adapter: train the adapter, resuming from the newest checkpoint when retried or rerun."""
+
+from __future__ import annotations
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_table_artifact
+
+from adapterflow.base_models import load_tokenizer
+from adapterflow.data import collate, load_examples, split_examples, tokenize
+from adapterflow.run_dir import build_adapter_model, write_json, write_probe
+from adapterflow.training import evaluate, train
+from tasks.policy import RESULT_OPTIONS, RETRY_OPTIONS
+from tasks.run_plan import RunPlan
+
+PROBE_SIZE = 4  # eval examples whose logits verification compares
+
+
+@task(name="train-adapter", **RETRY_OPTIONS, **RESULT_OPTIONS)
+def train_adapter(plan: RunPlan) -> dict:
+    """Returns the training summary (also in <run>/training.json): steps, losses, eval loss before/after, tokens/s."""
+    logger = get_run_logger()
+    run, settings = plan.run, plan.training_settings()
+    tokenizer = load_tokenizer(plan.base_model_path)
+    train_examples, eval_examples = split_examples(load_examples(plan.dataset_path), plan.eval_fraction, settings.seed)
+    train_data = tokenize(train_examples, tokenizer, plan.max_seq_len)
+    eval_data = tokenize(eval_examples, tokenizer, plan.max_seq_len)
+    model = build_adapter_model(plan.base_model_path, plan.torch_dtype, plan.config(), plan.adapter_name, run,
+                                settings.seed)
+    model.to(settings.device)
+    eval_before = evaluate(model, eval_data, settings.batch_size, tokenizer.pad_token_id, settings.device)
+
+    def log_step(step: int, loss: float, lr: float) -> None:
+        logger.info("step %d/%d loss %.4f lr %.2e", step, settings.steps, loss, lr)
+
+    result = train(model, train_data, settings, tokenizer.pad_token_id, run.checkpoints, on_step=log_step)
+    if result.resumed_from is not None:
+        logger.info("Resumed from the checkpoint at step %d", result.resumed_from)
+    eval_after = evaluate(model, eval_data, settings.batch_size, tokenizer.pad_token_id, settings.device)
+    probe = collate(eval_data[:PROBE_SIZE], tokenizer.pad_token_id)
+    write_probe(run.probe, probe, model(**{k: v.to(settings.device) for k, v in probe.items() if k != "labels"}).logits.detach().cpu())
+    trainable, total = model.get_nb_trainable_parameters()
+    summary = {
+        "steps": result.steps, "final_loss": result.losses[-1], "losses": result.losses,
+        "eval_loss_before": eval_before, "eval_loss_after": eval_after, "tokens": result.tokens,
+        "train_seconds": result.seconds, "tokens_per_second": result.tokens_per_second,
+        "trainable_parameters": trainable, "total_parameters": total, "resumed_from": result.resumed_from,
+        "checkpoint": str(run.final_checkpoint()), "initial_adapter": str(run.initial) if run.initial.exists() else None,
+    }
+    write_json(run.training_summary, summary)
+    create_table_artifact(
+        key="training-summary",
+        table=[{"metric": k, "value": _fmt(summary[k])} for k in (
+            "steps", "final_loss", "eval_loss_before", "eval_loss_after", "tokens_per_second", "trainable_parameters",
+            "total_parameters", "resumed_from")],
+        description=f"Training of adapter '{plan.adapter_name}' in {run.root}",
+    )
+    return {k: v for k, v in summary.items() if k != "losses"}
+
+
+def _fmt(value) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)

@@ -1,0 +1,49 @@
+"""Helpers for running the save-adapter flow in tests and reading back what Prefect recorded."""
+
+from __future__ import annotations
+
+import json
+
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+from flows.parameters import SaveAdapterParameters
+from flows.save_adapter import save_adapter
+
+TINY_TRAINING = {"steps": 8, "batch_size": 8, "max_seq_len": 32, "checkpoint_every": 4, "warmup_steps": 2}
+
+
+def parameters(runs_root, **sections) -> SaveAdapterParameters:
+    data = {"runs_root": str(runs_root), "training": dict(TINY_TRAINING), "adapter": {"r": 4, "init": "pissa_niter_2"}}
+    for name, value in sections.items():
+        data[name] = {**data.get(name, {}), **value} if isinstance(value, dict) else value
+    return SaveAdapterParameters.model_validate(data)
+
+
+def run_flow(runs_root, **sections):
+    """Run the flow in-process against the session's Prefect API; returns its final state."""
+    return save_adapter(config=parameters(runs_root, **sections), return_state=True)
+
+
+def flow_run_id(state) -> str:
+    return str(state.state_details.flow_run_id)
+
+
+def task_runs(state) -> dict[str, object]:
+    """The flow run's task runs by task name (e.g. "train-adapter")."""
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id(state)])))
+    return {run.name.rsplit("-", 1)[0]: run for run in runs}
+
+
+def artifacts(state) -> dict[str, object]:
+    """The flow run's artifacts by key; table data decoded from JSON."""
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id(state)])))
+    result = {}
+    for artifact in found:
+        data = artifact.data
+        if artifact.type == "table" and isinstance(data, str):
+            data = json.loads(data)
+        result[artifact.key] = (artifact.type, data)
+    return result

@@ -1,0 +1,121 @@
+"""The save-adapter flow end to end on a tiny model, against a real Prefect API."""
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import peft
+from adapterflow.base_models import load_base_model
+from flow_helpers import artifacts, run_flow, task_runs
+
+pytestmark = pytest.mark.usefixtures("prefect_api")
+STEPS = ("prepare-run", "train-adapter", "extract-adapter", "convert-pissa-to-lora", "save-adapter", "verify-adapter")
+
+
+def test_pissa_run_trains_converts_saves_and_verifies(tmp_path):
+    state = run_flow(tmp_path / "runs", run_name="pissa")
+    assert state.is_completed(), state.message
+    summary = state.result()
+    adapter_dir = Path(summary["adapter_dir"])
+    assert sorted(p.name for p in adapter_dir.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    assert summary["converted"] and summary["verification"]["passed"]
+    assert summary["eval_loss_after"] < summary["eval_loss_before"]
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    assert config["r"] == 8 and config["init_lora_weights"] is True  # converted: rank 2r, plain LoRA
+
+    runs = task_runs(state)
+    assert set(runs) == set(STEPS)
+    assert all(run.state.is_completed() and run.state.name == "Completed" for run in runs.values())
+
+    found = artifacts(state)
+    kind, rows = found["saved-files"]
+    assert kind == "table"
+    assert {r["name"]: r["sha256"] for r in rows} == {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in adapter_dir.iterdir()}
+    metrics = {r["metric"]: r["value"] for r in found["training-summary"][1]}
+    assert metrics["steps"] == "8" and float(metrics["eval_loss_after"]) < float(metrics["eval_loss_before"])
+    assert "Verification PASSED" in found["verification-report"][1]
+
+    # The saved adapter is a PEFT adapter for the ORIGINAL base model, reproducing the trained model's logits.
+    run_dir = Path(summary["run_dir"])
+    probe = load_file(run_dir / "probe.safetensors")
+    base = load_base_model(config["base_model_name_or_path"])
+    theirs = peft.PeftModel.from_pretrained(base, adapter_dir).eval()
+    with torch.no_grad():
+        logits = theirs(input_ids=probe["input_ids"], attention_mask=probe["attention_mask"]).logits
+    torch.testing.assert_close(logits, probe["logits"], atol=1e-4, rtol=0)
+
+
+def test_lora_run_skips_the_conversion_visibly(tmp_path):
+    state = run_flow(tmp_path / "runs", adapter={"init": "lora"}, save={"safe_serialization": False})
+    assert state.is_completed(), state.message
+    convert = task_runs(state)["convert-pissa-to-lora"]
+    assert convert.state.name == "Skipped" and "not a PiSSA adapter" in convert.state.message
+    adapter_dir = Path(state.result()["adapter_dir"])
+    assert (adapter_dir / "adapter_model.bin").is_file() and not state.result()["converted"]
+
+
+def test_bad_parameters_fail_before_training_and_name_every_problem(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    existing_file = tmp_path / "taken"
+    existing_file.write_text("x")
+    state = run_flow(tmp_path / "runs", run_name="bad", dataset={"path": str(empty)},
+                     adapter={"target_modules": ["query", "value"]}, save={"output_dir": str(existing_file)})
+    assert state.is_failed()
+    message = state.message + str(state.result(raise_on_failure=False))
+    assert "holds no examples" in message and "matches no adaptable module" in message
+    assert "is an existing file" in message
+    assert not (tmp_path / "runs" / "bad" / "checkpoints").exists()
+    assert set(task_runs(state)) == {"prepare-run"}
+    assert task_runs(state)["prepare-run"].run_count == 1  # permanent: not retried
+
+    missing = run_flow(tmp_path / "runs", base_model={"name_or_path": str(tmp_path / "no-such-model")},
+                       dataset={"path": str(tmp_path / "nope.jsonl")})
+    message = str(missing.result(raise_on_failure=False))
+    assert "no-such-model" in message and "nope.jsonl not found" in message
+
+
+def test_invalid_rank_is_rejected_by_the_parameter_schema(tmp_path):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="adapter.r"):
+        run_flow(tmp_path / "runs", adapter={"r": 0})
+
+
+class _FailingOpen:
+    """Make opening one file fail at the OS level: once with EIO (transient), or always with EACCES."""
+
+    def __init__(self, suffix: str, errno_: int, times: int | None) -> None:
+        import io
+
+        self.suffix, self.errno, self.times, self.calls, self.real = suffix, errno_, times, 0, io.open
+
+    def __call__(self, file, *args, **kwargs):
+        if str(file).endswith(self.suffix) and (self.times is None or self.calls < self.times):
+            self.calls += 1
+            raise OSError(self.errno, os.strerror(self.errno), str(file))
+        return self.real(file, *args, **kwargs)
+
+
+def test_transient_failure_is_retried_and_permanent_one_is_not(tmp_path, monkeypatch):
+    import errno
+    import io
+
+    transient = _FailingOpen("extracted/adapter_config.json", errno.EIO, times=1)
+    monkeypatch.setattr(io, "open", transient)
+    state = run_flow(tmp_path / "runs")
+    assert state.is_completed(), state.message
+    assert transient.calls == 1 and task_runs(state)["convert-pissa-to-lora"].run_count == 2
+
+    permanent = _FailingOpen("extracted/adapter_config.json", errno.EACCES, times=None)
+    monkeypatch.setattr(io, "open", permanent)
+    state = run_flow(tmp_path / "runs")
+    assert state.is_failed()
+    assert permanent.calls == 1 and task_runs(state)["convert-pissa-to-lora"].run_count == 1
+    assert "Permission denied" in str(state.result(raise_on_failure=False))
