@@ -96,6 +96,8 @@ class SaveSettings(_Section):
     selected_adapters: Optional[list[str]] = None
     save_embedding_layers: Union[bool, Literal["auto"]] = "auto"
     convert_pissa_to_lora: bool = Field(True, description="save a PiSSA adapter as LoRA for the original base model")
+    if_exists: Literal["error", "new_version"] = Field(
+        "error", description="output_dir taken by another run's adapter: fail, or write to <output_dir>-v2, -v3, ...")
 
 
 class VerifySettings(_Section):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 from pathlib import Path
@@ -45,7 +47,7 @@ def prepare_run(params: SaveAdapterParameters, run_name: str) -> RunPlan:
             problems.append(f"dataset {dataset}: no example keeps a completion token within max_seq_len="
                             f"{params.training.max_seq_len}; raise training.max_seq_len.")
     output_dir = project_path(params.save.output_dir) if params.save.output_dir else run.root / "adapter"
-    problems += _output_problems(output_dir, run)
+    problems += _output_problems(output_dir)
     if params.adapter.init.startswith("pissa_niter_") and not params.save.convert_pissa_to_lora:
         problems.append(f"adapter.init={params.adapter.init} without save.convert_pissa_to_lora: reloading re-runs a "
                         f"randomized SVD and gives another model, so verification would fail. Set "
@@ -56,6 +58,8 @@ def prepare_run(params: SaveAdapterParameters, run_name: str) -> RunPlan:
                         f"{params.adapter.name!r}; use [{params.adapter.name!r}] or null.")
     if problems:
         raise ParameterError("Invalid save-adapter parameters:\n" + "\n".join(f"  - {p}" for p in problems))
+    if params.save.output_dir:
+        output_dir = claim_output_dir(output_dir, run, project_path(params.runs_root) / "claims", params.save.if_exists)
     plan = RunPlan(
         run_dir=str(run.root), adapter_name=params.adapter.name, base_model_path=str(base_path),
         dtype=params.base_model.dtype, dataset_path=str(dataset), dataset_sha256=dataset_sha256(dataset),
@@ -87,7 +91,7 @@ def _meta_model(base_path: Path) -> torch.nn.Module:
         return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base_path))
 
 
-def _output_problems(output_dir: Path, run: RunDir) -> list[str]:
+def _output_problems(output_dir: Path) -> list[str]:
     if output_dir.exists() and not output_dir.is_dir():
         return [f"save.output_dir {output_dir} is an existing file; pass a folder."]
     ancestor = output_dir
@@ -95,12 +99,41 @@ def _output_problems(output_dir: Path, run: RunDir) -> list[str]:
         ancestor = ancestor.parent
     if not os.access(ancestor, os.W_OK):
         return [f"save.output_dir {output_dir} is not writable ({ancestor} is read-only for this user)."]
-    holds_adapter = (output_dir / formats.CONFIG_NAME).is_file()
-    owned = run.plan.is_file() and read_json(run.plan).get("output_dir") == str(output_dir)
-    if holds_adapter and not owned:
-        return [f"save.output_dir {output_dir} already holds an adapter from another run; pick a new folder or "
-                f"delete it (runs never overwrite each other's adapters)."]
     return []
+
+
+def claim_output_dir(output_dir: Path, run: RunDir, claims_dir: Path, if_exists: str) -> Path:
+    """Reserve the output folder for this run, so concurrent or later runs never write into each other's adapter.
+
+    A claim is a file in <runs_root>/claims created with O_EXCL (exactly one run wins a race). A folder already
+    claimed by another run, or holding an adapter from outside the pipeline, is refused ("error") or skipped for
+    the next free `<output_dir>-v<N>` ("new_version"). A rerun of the same run keeps its own claim.
+
+    Raises:
+        ParameterError: the folder is taken and if_exists is "error".
+    """
+    for version in range(1, 10_000):
+        candidate = output_dir if version == 1 else output_dir.with_name(f"{output_dir.name}-v{version}")
+        claim = claims_dir / f"{hashlib.sha256(os.path.realpath(candidate).encode()).hexdigest()[:24]}.json"
+        if claim.is_file() and read_json(claim).get("run_dir") == str(run.root):
+            return candidate
+        if not claim.is_file() and not _holds_adapter(candidate):
+            claims_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                with open(claim, "x") as file:  # O_EXCL: one winner per folder
+                    json.dump({"output_dir": str(candidate), "run_dir": str(run.root)}, file)
+                return candidate
+            except FileExistsError:
+                pass
+        if if_exists == "error":
+            raise ParameterError(
+                f"save.output_dir {candidate} already holds (or is reserved for) another run's adapter; pick a new "
+                f"folder, delete it, or set save.if_exists=new_version to write to {candidate.name}-v2 and so on.")
+    raise ParameterError(f"No free version of {output_dir} left.")
+
+
+def _holds_adapter(folder: Path) -> bool:
+    return folder.is_dir() and any(folder.glob(f"**/{formats.CONFIG_NAME}"))
 
 
 def _training_settings(params: SaveAdapterParameters, n_train: int) -> dict:

@@ -1,0 +1,103 @@
+"""Deployments end to end: the operator's scripts/stack.sh brings up a real Prefect server, MLflow server, work pool,
+deployments and a worker; `prefect deployment run 'save-adapter/local' --watch` runs the flow there."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from servers import free_port
+
+ROOT = Path(__file__).parents[1]
+BIN = Path(sys.executable).parent
+TINY = {"training": {"steps": 6, "batch_size": 8, "max_seq_len": 32, "checkpoint_every": 3, "warmup_steps": 1},
+        "adapter": {"r": 4}}
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    state = tmp_path_factory.mktemp("stack")
+    env = {**os.environ, "ADAPTERFLOW_STACK_DIR": str(state), "PREFECT_PORT": str(free_port()),
+           "MLFLOW_PORT": str(free_port()), "ADAPTERFLOW_RUNS_ROOT": str(state / "runs"), "ADAPTERFLOW_BIN": str(BIN)}
+    env.pop("PREFECT_API_URL", None)
+    up = subprocess.run([ROOT / "scripts" / "stack.sh", "up"], env=env, capture_output=True, text=True, timeout=300)
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        env["PREFECT_API_URL"] = f"http://127.0.0.1:{env['PREFECT_PORT']}/api"
+        yield env, state
+    finally:
+        pids = {p.stem: int(p.read_text()) for p in state.glob("*.pid")}
+        down = subprocess.run([ROOT / "scripts" / "stack.sh", "down"], env=env, capture_output=True, text=True,
+                              timeout=120)
+        assert down.returncode == 0, down.stderr
+        assert set(pids) == {"prefect-server", "mlflow", "worker"}
+        for name, pid in pids.items():
+            assert not _alive(pid), f"{name} (pid {pid}) still running after stack.sh down"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def deployment_run(env, config: dict, *extra: str, timeout: int = 400) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [BIN / "prefect", "deployment", "run", "save-adapter/local", "--param", f"config={json.dumps(config)}",
+         "--watch", "--watch-timeout", str(timeout), *extra],
+        env=env, capture_output=True, text=True, timeout=timeout + 60, cwd="/")
+
+
+def flow_run_id(output: str) -> str:
+    for line in output.splitlines():
+        if "UUID:" in line:
+            return line.split("UUID:")[1].strip()
+    raise AssertionError(f"no flow run id in: {output}")
+
+
+@pytest.mark.slow
+def test_deployment_run_with_watch(stack):
+    env, state = stack
+    result = deployment_run(env, TINY)
+    assert result.returncode == 0, result.stdout + result.stderr
+    run_id = flow_run_id(result.stdout)
+    adapter = state / "runs" / run_id / "adapter"
+    assert (adapter / "adapter_model.safetensors").is_file() and (adapter / "adapter_config.json").is_file()
+    keys = subprocess.run([BIN / "python", "-c", (
+        "import sys; from prefect.client.orchestration import get_client;"
+        "from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId;"
+        "c = get_client(sync_client=True).__enter__();"
+        f"print(sorted(a.key for a in c.read_artifacts(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=['{run_id}'])))))"
+    )], env=env, capture_output=True, text=True, timeout=60)
+    assert "saved-files" in keys.stdout and "training-summary" in keys.stdout and "verification-report" in keys.stdout
+
+
+@pytest.mark.slow
+def test_invalid_parameter_is_rejected_by_the_schema(stack):
+    env, _ = stack
+    result = deployment_run(env, {"adapter": {"r": 0}})
+    assert result.returncode == 1
+    assert "Validation failed" in result.stdout + result.stderr and "minimum of 1" in result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_two_concurrent_runs_get_separate_outputs(stack):
+    env, state = stack
+    started = time.monotonic()
+    runs = [subprocess.Popen(
+        [BIN / "prefect", "deployment", "run", "save-adapter/local", "--param", f"config={json.dumps(TINY)}",
+         "--watch", "--watch-timeout", "400"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for _ in range(2)]
+    outputs = [run.communicate(timeout=460)[0] for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], outputs
+    ids = [flow_run_id(out) for out in outputs]
+    assert ids[0] != ids[1]
+    adapters = [state / "runs" / run_id / "adapter" / "adapter_model.safetensors" for run_id in ids]
+    assert all(a.is_file() for a in adapters)
+    assert time.monotonic() - started < 460
