@@ -46,6 +46,7 @@ def main(argv: list[str] | None = None) -> None:
     parameters = parse_parameters(args.config, args.overrides)
 
     from flows.save_adapter import save_adapter
+    from tasks.prefect_links import flow_run_url
 
     state = save_adapter(config=parameters, return_state=True)
     if not state.is_completed():
@@ -55,14 +56,12 @@ def main(argv: list[str] | None = None) -> None:
     print(f"adapter:         {summary['adapter_dir']}")
     print(f"run directory:   {summary['run_dir']}")
     print(f"eval loss:       {summary['eval_loss_before']:.4f} -> {summary['eval_loss_after']:.4f}")
-    print(f"prefect run:     {summary['flow_run_id']} {_flow_run_url(summary['flow_run_id'])}")
-
-
-def _flow_run_url(flow_run_id: str) -> str:
-    from prefect.settings import PREFECT_UI_URL
-
-    ui = PREFECT_UI_URL.value()
-    return f"({ui}/runs/flow-run/{flow_run_id})" if ui else "(local temporary API; set PREFECT_API_URL to keep runs)"
+    url = flow_run_url(summary["flow_run_id"])
+    print(f"prefect run:     {summary['flow_run_id']} ({url or 'temporary local API; set PREFECT_API_URL to keep runs'})")
+    tracked = summary["mlflow"]
+    if tracked:
+        print(f"mlflow run:      {tracked['run_id']} ({tracked['run_url'] or tracked['tracking_uri']}); "
+              f"model {tracked['registered_model_name']} v{tracked['model_version']}")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from typing import Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from adapterflow import LoraConfig
+from tasks.mlflow_logging import MlflowSettings
 
 PROJECT_ROOT = Path(os.environ.get("ADAPTERFLOW_PROJECT_ROOT", Path(__file__).resolve().parents[1]))
 INIT_PATTERN = r"^(lora|gaussian|random|pissa|pissa_niter_[0-9]+)$"
@@ -116,6 +117,7 @@ class SaveAdapterParameters(_Section):
     training: TrainingParameters = Field(default_factory=TrainingParameters)
     save: SaveSettings = Field(default_factory=SaveSettings)
     verify: VerifySettings = Field(default_factory=VerifySettings)
+    mlflow: MlflowSettings = Field(default_factory=MlflowSettings)
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:

@@ -1,4 +1,4 @@
-"""The `save-adapter` flow: train -> extract -> convert -> save -> verify, each a retryable Prefect task.
+"""The `save-adapter` flow: train -> extract -> convert -> save -> verify -> MLflow, each a retryable Prefect task.
 
 Run it with `adapterflow run` (or `python -m flows.save_adapter`), or as a deployment:
 `prefect deployment run 'save-adapter/local'`.
@@ -12,6 +12,7 @@ from prefect.runtime import flow_run
 from flows.parameters import SaveAdapterParameters
 from tasks.convert_pissa_to_lora import convert_pissa_to_lora_task
 from tasks.extract_adapter import extract_adapter
+from tasks.log_to_mlflow import log_to_mlflow
 from tasks.prepare_run import prepare_run
 from tasks.save_adapter import save_adapter as save_adapter_files
 from tasks.train_adapter import train_adapter
@@ -31,6 +32,7 @@ def save_adapter(config: SaveAdapterParameters = SaveAdapterParameters()) -> dic
     source = convert_pissa_to_lora_task(plan, extracted)
     saved = save_adapter_files(plan, source)
     verification = verify_adapter_task(plan, saved)
+    tracked = log_to_mlflow(plan, config.mlflow, saved, verification, flow_run.get_id())
     print(f"Adapter saved to {saved['adapter_dir']} (verified: max |logit diff| {verification['max_abs_diff']:.2e})")
     return {
         "flow_run_id": flow_run.get_id(),
@@ -40,6 +42,7 @@ def save_adapter(config: SaveAdapterParameters = SaveAdapterParameters()) -> dic
         "eval_loss_before": training["eval_loss_before"],
         "eval_loss_after": training["eval_loss_after"],
         "verification": verification,
+        "mlflow": tracked,
     }
 
 

@@ -33,21 +33,25 @@ def is_transient(exc: BaseException) -> bool:
     return not isinstance(exc, _PERMANENT_TYPES)
 
 
-def retry_transient(task, task_run, state) -> bool:
-    """Prefect retry_condition_fn: retry only transient failures."""
-    try:
-        state.result()
-    except BaseException as exc:  # noqa: BLE001 - classify whatever the task raised
-        return is_transient(exc)
-    return False
+def retry_options(transient=is_transient) -> dict:
+    """Task options: 2 retries with exponential backoff (2 s, 4 s; tests shrink it with ADAPTERFLOW_RETRY_BACKOFF),
+    only for failures `transient(exc)` calls transient."""
+
+    def retry_condition(task, task_run, state) -> bool:
+        try:
+            state.result()
+        except BaseException as exc:  # noqa: BLE001 - classify whatever the task raised
+            return transient(exc)
+        return False
+
+    return dict(
+        retries=2,
+        retry_delay_seconds=exponential_backoff(backoff_factor=float(os.environ.get("ADAPTERFLOW_RETRY_BACKOFF", "2"))),
+        retry_jitter_factor=0.2,
+        retry_condition_fn=retry_condition,
+    )
 
 
-# Retry delays grow 2 s, 4 s, 8 s...; tests shrink them with ADAPTERFLOW_RETRY_BACKOFF.
-RETRY_OPTIONS = dict(
-    retries=2,
-    retry_delay_seconds=exponential_backoff(backoff_factor=float(os.environ.get("ADAPTERFLOW_RETRY_BACKOFF", "2"))),
-    retry_jitter_factor=0.2,
-    retry_condition_fn=retry_transient,
-)
+RETRY_OPTIONS = retry_options()
 # Results are small and rebuilt from the run directory; Prefect need not hash inputs or persist outputs.
 RESULT_OPTIONS = dict(cache_policy=NO_CACHE, persist_result=False)

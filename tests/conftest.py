@@ -32,6 +32,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import tiny  # noqa: E402
+from mlflow_server import mlflow_server  # noqa: E402,F401 - session fixture
 
 
 @pytest.fixture(scope="session")

@@ -15,6 +15,7 @@ TINY_TRAINING = {"steps": 8, "batch_size": 8, "max_seq_len": 32, "checkpoint_eve
 
 def parameters(runs_root, **sections) -> SaveAdapterParameters:
     data = {"runs_root": str(runs_root), "training": dict(TINY_TRAINING), "adapter": {"r": 4, "init": "pissa_niter_2"}}
+    sections.setdefault("mlflow", {"enabled": False})  # tests that check MLflow point it at the session's server
     for name, value in sections.items():
         data[name] = {**data.get(name, {}), **value} if isinstance(value, dict) else value
     return SaveAdapterParameters.model_validate(data)

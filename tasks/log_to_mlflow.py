@@ -1,0 +1,46 @@
+"""log-to-mlflow: record the run, its metrics and artifacts, and the adapter as a registered model in MLflow."""
+
+from __future__ import annotations
+
+from prefect import task
+from prefect.artifacts import create_link_artifact, create_markdown_artifact
+from prefect.states import Completed
+
+from adapterflow.run_dir import read_json
+from flows.parameters import project_path
+from tasks.mlflow_logging import MlflowSettings, is_transient_mlflow_error, log_adapter_run
+from tasks.policy import RESULT_OPTIONS, is_transient, retry_options
+from tasks.prefect_links import flow_run_url
+from tasks.run_plan import RunPlan
+
+
+def _transient(exc: BaseException) -> bool:
+    from mlflow.exceptions import MlflowException  # mlflow is imported only when this step runs
+
+    return is_transient_mlflow_error(exc) if isinstance(exc, MlflowException) else is_transient(exc)
+
+
+@task(name="log-to-mlflow", **retry_options(_transient), **RESULT_OPTIONS)
+def log_to_mlflow(plan: RunPlan, settings: MlflowSettings, saved: dict, verification: dict, flow_run_id: str):
+    """Returns the MLflow run and model version ids and URLs (a "Skipped" state when mlflow.enabled is false).
+
+    Idempotent: a retry finds the MLflow run and model version it created before, by the flow run id.
+    """
+    if not settings.enabled:
+        return Completed(name="Skipped", message="Skipped: MLflow logging is off (mlflow.enabled=false)", data=None)
+    runs_root = project_path(plan.parameters["runs_root"])
+    result = log_adapter_run(
+        settings, runs_root=runs_root, run_dir=plan.run_dir, adapter_dir=saved["adapter_dir"],
+        flow_run_id=flow_run_id, flow_run_url=flow_run_url(flow_run_id),
+        training=read_json(plan.run.training_summary), verification=verification, plan=plan.model_dump(mode="json"),
+    )
+    if result["run_url"]:
+        create_link_artifact(key="mlflow-run", link=result["run_url"], link_text=f"MLflow run {result['run_id']}")
+        create_link_artifact(key="mlflow-model-version", link=result["model_version_url"],
+                             link_text=f"{result['registered_model_name']} version {result['model_version']}")
+    else:
+        create_markdown_artifact(key="mlflow-run", markdown=(
+            f"MLflow run `{result['run_id']}`, model `{result['registered_model_name']}` version "
+            f"{result['model_version']}, in `{result['tracking_uri']}`.\n\n"
+            f"Browse it with `mlflow ui --backend-store-uri {result['tracking_uri']}`."))
+    return result

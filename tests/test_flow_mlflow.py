@@ -1,0 +1,76 @@
+"""The flow's MLflow step against the session's real `mlflow server`: one MLflow run and model version per flow
+run (also when the step is retried), Prefect links to both, and a dead server that fails fast without harming
+the saved adapter."""
+
+import builtins
+import errno
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from flow_helpers import artifacts, run_flow, task_runs
+from servers import free_port
+
+pytestmark = pytest.mark.usefixtures("prefect_api")
+
+
+class _FailOnceOpen:
+    """The first Python-level read of the saved weights fails with EIO: the artifact upload, after the MLflow
+    run was created."""
+
+    def __init__(self, suffix: str) -> None:
+        self.suffix, self.calls, self.real = suffix, 0, builtins.open
+
+    def __call__(self, file, mode="r", *args, **kwargs):
+        if str(file).endswith(self.suffix) and "r" in mode and self.calls == 0:
+            self.calls += 1
+            raise OSError(errno.EIO, os.strerror(errno.EIO), str(file))
+        return self.real(file, mode, *args, **kwargs)
+
+
+def test_retried_mlflow_step_makes_one_run_and_one_version(tmp_path, mlflow_server, monkeypatch):
+    failing = _FailOnceOpen("adapter/adapter_model.safetensors")
+    monkeypatch.setattr(builtins, "open", failing)
+    state = run_flow(tmp_path / "runs", mlflow={"tracking_uri": mlflow_server, "registered_model_name": "flow-test",
+                                                "alias": "candidate"})
+    monkeypatch.undo()
+    assert state.is_completed(), state.message
+    assert failing.calls == 1 and task_runs(state)["log-to-mlflow"].run_count == 2
+    tracked = state.result()["mlflow"]
+    client = MlflowClient(mlflow_server, mlflow_server)
+    flow_run_id = state.result()["flow_run_id"]
+    runs = client.search_runs([tracked["experiment_id"]], f"tags.`prefect.flow_run_id` = '{flow_run_id}'")
+    assert [r.info.run_id for r in runs] == [tracked["run_id"]]
+    assert runs[0].info.status == "FINISHED"
+    versions = client.search_model_versions(f"name = 'flow-test' and run_id = '{tracked['run_id']}'")
+    assert len(versions) == 1 and client.get_model_version_by_alias("flow-test", "candidate").version == versions[0].version
+    history = client.get_metric_history(tracked["run_id"], "train_loss")
+    assert [m.step for m in history] == list(range(1, 9))  # no duplicated points from the first attempt
+    found = artifacts(state)
+    assert found["mlflow-run"][1].endswith(f"({tracked['run_url']})")
+    assert tracked["model_version_url"] in found["mlflow-model-version"][1]
+
+
+def test_dead_tracking_server_fails_fast_and_a_rerun_does_not_retrain(tmp_path):
+    dead = f"http://127.0.0.1:{free_port()}"
+    started = time.monotonic()
+    state = run_flow(tmp_path / "runs", run_name="dead", mlflow={"tracking_uri": dead})
+    assert state.is_failed() and time.monotonic() - started < 120
+    message = str(state.result(raise_on_failure=False))
+    assert dead in message and "mlflow.enabled=false" in message
+    mlflow_step = task_runs(state)["log-to-mlflow"]
+    assert mlflow_step.state.is_failed() and mlflow_step.run_count == 3  # transient: retried, then given up
+    adapter = tmp_path / "runs" / "dead" / "adapter"
+    saved = {p.name: p.read_bytes() for p in adapter.iterdir()}
+    assert "adapter_model.safetensors" in saved
+
+    rerun = run_flow(tmp_path / "runs", run_name="dead", mlflow={"enabled": False})
+    assert rerun.is_completed(), rerun.message
+    assert task_runs(rerun)["log-to-mlflow"].state.name == "Skipped"
+    training = json.loads((tmp_path / "runs" / "dead" / "training.json").read_text())
+    assert training["resumed_from"] == training["steps"]  # the checkpoint was final: no step trained again
+    assert {p.name: p.read_bytes() for p in adapter.iterdir()} == saved
