@@ -7,7 +7,6 @@ Structure mirrors PEFT (`AdapterModel.base_model.model` is the wrapped model), s
 from __future__ import annotations
 
 import contextlib
-import copy
 import os
 import warnings
 from pathlib import Path
@@ -19,8 +18,9 @@ from torch import nn
 from adapterflow import formats
 from adapterflow.config import LoraConfig
 from adapterflow.init_methods import is_pissa, is_randomized_pissa
-from adapterflow.layers import AdapterLayer, LoraLayer, ModulesToSaveWrapper, is_conv1d, lora_layer_for
-from adapterflow.save import read_adapter, save_adapter_model
+from adapterflow.inject import inject_adapter, replace_module, unwrapped
+from adapterflow.layers import AdapterLayer, LoraLayer
+from adapterflow.save import read_adapter, resolve_conversion_path, save_adapter_model
 from adapterflow.state_dict import (
     SaveEmbeddingLayers,
     adapter_layers,
@@ -28,7 +28,6 @@ from adapterflow.state_dict import (
     load_adapter_state_dict,
     match_checkpoint,
 )
-from adapterflow.targeting import plan_targets
 
 
 class LoraModel(nn.Module):
@@ -161,38 +160,7 @@ class AdapterModel(nn.Module):
         self._apply_active()
 
     def _inject(self, adapter_name: str, config: LoraConfig, initialize: bool) -> None:
-        formats.check_adapter_name(adapter_name)
-        model = self.base_model.model
-        config = copy.deepcopy(config)
-        if config.base_model_name_or_path is None:
-            config.base_model_name_or_path = getattr(model, "name_or_path", None) or None
-        if config.task_type is None and "auto_mapping" not in config.extra_fields:
-            # PEFT records the model class so AutoPeftModel can rebuild it when no task type says which.
-            cls = type(model)
-            config.extra_fields["auto_mapping"] = {"base_model_class": cls.__name__, "parent_library": cls.__module__}
-        plan = plan_targets(model, config)
-        config.target_modules = plan.target_modules
-        modules = {path: model.get_submodule(path) for path in plan.lora_modules}
-        if is_pissa(config.init_lora_weights) and initialize:
-            _check_pissa_targets(model, modules)
-        if any(is_conv1d(m) for m in modules.values()) and not config.fan_in_fan_out:
-            # As PEFT: Conv1D stores weights (in, out), which the saved config must say.
-            config.fan_in_fan_out = True
-        for path, module in modules.items():
-            layer = module if isinstance(module, LoraLayer) else lora_layer_for(module)(module)
-            if layer is not module:
-                _replace_module(model, path, layer)
-            r, alpha = config.rank_and_alpha(path)
-            layer.add_adapter(adapter_name, r, alpha, config.lora_dropout, config.use_rslora)
-            if initialize:
-                layer.initialize(adapter_name, config.init_lora_weights)
-        for path in plan.modules_to_save:
-            module = model.get_submodule(path)
-            wrapper = module if isinstance(module, ModulesToSaveWrapper) else ModulesToSaveWrapper(module)
-            if wrapper is not module:
-                _replace_module(model, path, wrapper)
-            wrapper.add_adapter(adapter_name)
-        self.peft_config[adapter_name] = config
+        self.peft_config[adapter_name] = inject_adapter(self.base_model.model, adapter_name, config, initialize)
 
     # Adapter management -------------------------------------------------------------------------------------
 
@@ -219,7 +187,7 @@ class AdapterModel(nn.Module):
         for path, layer in list(adapter_layers(self.base_model.model)):
             layer.delete_adapter(adapter_name)
             if not layer.adapter_names:
-                _replace_module(self.base_model.model, path, _unwrapped(layer))
+                replace_module(self.base_model.model, path, unwrapped(layer))
         del self.peft_config[adapter_name]
         if self.active_adapter == adapter_name:
             self.active_adapter = next(iter(self.peft_config), None)
@@ -243,7 +211,7 @@ class AdapterModel(nn.Module):
         for path, layer in list(adapter_layers(model)):
             if isinstance(layer, LoraLayer):
                 layer.merge()
-            _replace_module(model, path, _unwrapped(layer))
+            replace_module(model, path, unwrapped(layer))
         self.peft_config.clear()
         self.active_adapter = None
         return model
@@ -279,9 +247,21 @@ class AdapterModel(nn.Module):
         """
         if kwargs:
             raise TypeError(f"save_pretrained() got unexpected keyword arguments {sorted(kwargs)}.")
-        initial_path = _conversion_path(convert_pissa_to_lora, path_initial_model_for_weight_conversion)
+        initial_path = resolve_conversion_path(convert_pissa_to_lora, path_initial_model_for_weight_conversion)
         return save_adapter_model(self, save_directory, safe_serialization, selected_adapters,
                                   save_embedding_layers, is_main_process, initial_path)
+
+    def push_to_hub(self, repo_id: str, private: bool | None = None, revision: str | None = None,
+                    commit_message: str | None = None, token: str | None = None, safe_serialization: bool = True,
+                    selected_adapters: Sequence[str] | None = None, create_pr: bool = False,
+                    tags: Sequence[str] | None = None, **kwargs: Any):
+        """Save the adapters with a Hub model card and push them to `repo_id` as one commit: PEFT's arguments, more
+        in kwargs (see adapterflow.hub.push_adapter_model). Returns an adapterflow.hub.PushResult (PEFT: a
+        CommitInfo). Raises adapterflow.hub.HubPushError (.transient, .status); TypeError for unknown kwargs."""
+        from adapterflow.hub import push_adapter_model
+
+        return push_adapter_model(self, repo_id, private, revision, commit_message, token, safe_serialization,
+                                  selected_adapters, create_pr, tags, **kwargs)
 
     # Passthrough and helpers --------------------------------------------------------------------------------
 
@@ -333,55 +313,3 @@ def _adapter_folder(model_id_or_path: str | os.PathLike, subfolder: str | None) 
             f"first (huggingface_hub.snapshot_download(repo_id)) and pass the returned path."
         )
     return folder
-
-
-def _conversion_path(convert_pissa_to_lora, path_initial_model_for_weight_conversion):
-    if convert_pissa_to_lora is None:
-        return path_initial_model_for_weight_conversion
-    warnings.warn(
-        "`convert_pissa_to_lora` is deprecated; use `path_initial_model_for_weight_conversion` (same meaning).",
-        FutureWarning,
-        stacklevel=3,
-    )
-    if path_initial_model_for_weight_conversion is not None and os.path.normpath(
-        convert_pissa_to_lora
-    ) != os.path.normpath(path_initial_model_for_weight_conversion):
-        raise ValueError(
-            "convert_pissa_to_lora and path_initial_model_for_weight_conversion name different folders; pass only "
-            "path_initial_model_for_weight_conversion."
-        )
-    return convert_pissa_to_lora
-
-
-def _check_pissa_targets(model: nn.Module, modules: dict[str, nn.Module]) -> None:
-    """PiSSA rewrites base weights: refuse dtypes it cannot decompose and weights shared with other modules."""
-    owners: dict[int, list[str]] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        owners.setdefault(id(param), []).append(name)
-    problems = []
-    for path, module in modules.items():
-        base = module.base_layer if isinstance(module, LoraLayer) else module
-        if isinstance(base, nn.Embedding):
-            continue  # embeddings get the standard init under PiSSA (see init_methods)
-        if base.weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            problems.append(f"{path}: dtype {base.weight.dtype}; PiSSA needs fp32/fp16/bf16 (initialise before quantising).")
-        if len(owners.get(id(base.weight), [])) > 1:
-            problems.append(
-                f"{path}: its weight is shared with {owners[id(base.weight)]}; PiSSA would rewrite both. Untie the "
-                f"weights (tie_word_embeddings=False) or leave {path} out of target_modules."
-            )
-    if problems:
-        raise ValueError("PiSSA cannot initialise these modules:\n" + "\n".join(f"  - {p}" for p in problems))
-
-
-def _unwrapped(layer: AdapterLayer) -> nn.Module:
-    if isinstance(layer, LoraLayer):
-        return layer.base_layer
-    if layer.active_adapters:
-        return layer.modules_to_save[layer.active_adapters[0]]
-    return layer.original_module
-
-
-def _replace_module(root: nn.Module, path: str, new: nn.Module) -> None:
-    parent_path, _, child = path.rpartition(".")
-    setattr(root.get_submodule(parent_path) if parent_path else root, child, new)

@@ -124,6 +124,26 @@ def save_adapter_model(
     return write_adapters(save_directory, adapters, safe_serialization)
 
 
+def resolve_conversion_path(convert_pissa_to_lora, path_initial_model_for_weight_conversion):
+    """The initial-adapter folder, from the current argument or its deprecated alias (with a FutureWarning)."""
+    if convert_pissa_to_lora is None:
+        return path_initial_model_for_weight_conversion
+    warnings.warn(
+        "`convert_pissa_to_lora` is deprecated; use `path_initial_model_for_weight_conversion` (same meaning).",
+        FutureWarning,
+        stacklevel=3,
+    )
+    if path_initial_model_for_weight_conversion is not None and os.path.normpath(
+        convert_pissa_to_lora
+    ) != os.path.normpath(path_initial_model_for_weight_conversion):
+        raise ValueError(
+            "convert_pissa_to_lora and path_initial_model_for_weight_conversion name different folders; pass only "
+            "path_initial_model_for_weight_conversion."
+        )
+    return convert_pissa_to_lora
+
+
+
 def warn_randomized_pissa(init_lora_weights: str) -> None:
     warnings.warn(
         f"Saving a PiSSA adapter initialised with {init_lora_weights!r} without conversion: loading it runs the "

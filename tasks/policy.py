@@ -21,6 +21,9 @@ _PERMANENT_TYPES = (ValueError, TypeError, LookupError, NotImplementedError, Att
 
 def is_transient(exc: BaseException) -> bool:
     """True when retrying the same call may succeed."""
+    declared = getattr(exc, "transient", None)  # errors that know (e.g. adapterflow.hub.HubPushError) say so
+    if isinstance(declared, bool):
+        return declared
     if isinstance(exc, (ConnectionError, TimeoutError)):
         return True
     if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)):

@@ -84,7 +84,7 @@ class HubHandler(BaseHTTPRequestHandler):
         self.status, self.body_state = 0, "unread"
         split = urlsplit(self.path)
         self.query = parse_qs(split.query)
-        control = split.path in ("/_faults", "/_log")
+        control = self.control = split.path in ("/_faults", "/_log")
         try:
             try:
                 if control:
@@ -102,8 +102,8 @@ class HubHandler(BaseHTTPRequestHandler):
             else:
                 self._send_error(HubError(500, f"Internal error in test Hub: {exc!r}"))
         finally:
-            if not control:
-                self.hub.log(method, self.path, self.status)
+            if not control and not self.status:  # no response was sent (the client went away)
+                self.hub.log(method, self.path, 0)
 
     def _dispatch(self, method: str, path: str) -> None:
         """Injected fault, then route lookup, then auth, then the route handler."""
@@ -162,6 +162,8 @@ class HubHandler(BaseHTTPRequestHandler):
     # ---- responses ---------------------------------------------------------------------------------------------
     def _start(self, status: int, headers: dict) -> None:
         self.status = status
+        if not self.control:  # log before answering, so a client that reads the log next sees this request
+            self.hub.log(self.command, self.path, status)
         self.send_response(status)
         for key, value in headers.items():
             self.send_header(key, value)

@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 
-from adapterflow import AdapterModel, ConversionError, LoraConfig, get_adapter_model
+from adapterflow import AdapterModel, LoraConfig, get_adapter_model
 from tiny import load_llama, logits, randomize_adapters
 
 PISSA = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "gate_proj"], task_type="CAUSAL_LM")

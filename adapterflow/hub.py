@@ -1,0 +1,397 @@
+"""Publish a saved adapter folder to the Hugging Face Hub: a Hub model card, one commit, retries, a timeout.
+
+huggingface_hub is imported inside the functions only, so `import adapterflow` stays torch + safetensors.
+Design (huggingface_hub 2.4): uploads take the classic LFS path (HF_HUB_DISABLE_XET forced on during a push): one
+commit per push, never retried blindly (the Xet pipeline retries the commit POST and can duplicate it). Each upload
+names the head it started from (parent_commit), so a retry after a lost commit response finds the files there or
+gets 412 and retries on the new head. The client has no HTTP timeout by default: a push wraps the current client
+factory with `timeout` and restores it after. Both settings are process-wide in huggingface_hub: pushes are
+serialised by a lock, and other threads using huggingface_hub meanwhile see them too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import mmap
+import os
+import re
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+from adapterflow import formats
+from adapterflow.model_card import PIPELINE_TAGS
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TAGS = ("lora", "peft", "adapterflow")
+TRANSIENT_STATUSES = frozenset({408, 412, 429, 500, 502, 503, 504})  # 412: the branch moved; retry on the new head
+_PUSH_LOCK = threading.Lock()
+_TRAINING_LABELS = {"steps": "steps", "final_loss": "final training loss",
+                    "eval_loss_before": "eval loss before training", "eval_loss_after": "eval loss after training"}
+_CARD_OPTIONS = ("license", "datasets", "training")
+_PUSH_OPTIONS = ("endpoint", "tag", "commit_description", "timeout", "max_attempts", "retry_delay")
+
+
+class HubPushError(RuntimeError):
+    """A push to the Hub failed. The message says what to fix; it never contains the token. Raised as one of the
+    subclasses below, whose second base tells generic retry policies (tasks.policy.is_transient) what `transient`
+    says: ConnectionError / TimeoutError when transient, ValueError when permanent.
+
+    Attributes:
+        transient: True when retrying may succeed (5xx, 408, 412, 429, timeouts, connection errors), False when
+            it cannot (401, 403, 404, other 4xx, an invalid card, a tag at another commit).
+        status: HTTP status of the failed request, or None. repo_id: the repository.
+        step: "create repo", "create branch", "upload", "tag" or "check folder".
+    """
+    transient = False
+
+    def __init__(self, message: str, *, status: int | None = None, repo_id: str | None = None,
+                 step: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.repo_id, self.step = status, repo_id, step
+
+
+class HubPushPermanentError(HubPushError, ValueError):
+    """A retry cannot help: fix the token, the repo_id, the revision, the card or the tag first."""
+
+
+class HubPushTransientError(HubPushError, ConnectionError):
+    """The Hub or the network failed (5xx, 408, 412, 429, connection errors): retrying later may work."""
+    transient = True
+
+
+class HubPushTimeout(HubPushError, TimeoutError):
+    """No answer within `timeout` (transient). The Hub may still apply a timed-out commit; a re-push is a no-op."""
+    transient = True
+
+
+@dataclass(frozen=True)
+class PushResult:
+    """What a push did. `commit_oid` is the branch head holding the files (the existing head when nothing changed,
+    `created_commit` False); `revision` is the branch, or the PR ref (refs/pr/N) with create_pr."""
+
+    repo_id: str
+    commit_url: str
+    commit_oid: str
+    revision: str
+    tag: str | None
+    created_commit: bool
+
+
+def is_transient_hub_error(exc: BaseException) -> bool:
+    """True when retrying may fix `exc` (for a Prefect retry_condition_fn): HubPushError.transient, or for a raw
+    huggingface_hub / httpx2 error: 5xx, 408, 412, 429, timeouts and connection errors."""
+    if isinstance(exc, HubPushError):
+        return exc.transient
+    with contextlib.suppress(ImportError):
+        return bool((_classify(exc) or (False,))[0])
+    return False
+
+
+def build_model_card(adapter_dir: str | os.PathLike, *, base_model: str | None = None, license: str | None = None,
+                     datasets: Sequence[str] | None = None, tags: Sequence[str] | None = None,
+                     training: Mapping[str, Any] | None = None, repo_id: str | None = None) -> str:
+    """README.md text for a saved adapter folder, built with huggingface_hub's ModelCard / ModelCardData.
+
+    Args:
+        adapter_dir: a save_pretrained folder (adapter_config.json at the root and/or in adapter subfolders).
+        base_model: default: base_model_name_or_path of the adapter config. Metadata only when it looks like a
+            Hub repo id (not an existing local path); the text names it either way (a local one by folder name).
+        license, datasets: metadata, when given. tags: added to "lora", "peft", "adapterflow".
+        training: summary shown as a table (steps, final_loss, eval_loss_before, eval_loss_after, other scalars).
+        repo_id: for the loading snippet.
+
+    Returns:
+        The card: YAML front matter (library_name peft, pipeline_tag, tags, ...), then markdown.
+
+    Raises:
+        FileNotFoundError: no adapter_config.json in adapter_dir.
+    """
+    from huggingface_hub import ModelCard, ModelCardData
+
+    configs = _read_configs(Path(adapter_dir))
+    first = next(iter(configs.values()))
+    base = base_model if base_model is not None else first.get("base_model_name_or_path")
+    hub_base = base if base and _is_hub_repo_id(base) else None
+    pipeline_tag = PIPELINE_TAGS.get(first.get("task_type") or "CAUSAL_LM")
+    all_tags = [*DEFAULT_TAGS, *(tags or ()), *([f"base_model:adapter:{hub_base}"] if hub_base else [])]
+    data = ModelCardData(base_model=hub_base, library_name="peft", pipeline_tag=pipeline_tag, license=license,
+                         tags=list(dict.fromkeys(all_tags)), datasets=list(datasets) if datasets else None)
+    name = hub_base or (Path(base).name if base else None)
+    about = f"`{hub_base}`" if hub_base else f"the local base model `{name}` (not a Hub repo)" if base else "a model"
+    load_base = hub_base or "<path to the base model>"
+    auto = "AutoModelForCausalLM" if pipeline_tag == "text-generation" else "AutoModel"
+    rows = "\n".join(_row(adapter, *(c.get(k) for k in ("r", "lora_alpha", "target_modules", "init_lora_weights")))
+                     for adapter, c in configs.items())
+    body = (
+        f"# LoRA adapter for {name or 'a base model'}\n\n"
+        f"A LoRA adapter trained with adapterflow on {about}. It holds the adapter weights only, in PEFT's "
+        f"format; load it on top of the base model.\n\n## Usage\n\n"
+        f"```python\nfrom peft import PeftModel\nfrom transformers import {auto}\n\n"
+        f"base = {auto}.from_pretrained({json.dumps(load_base)})\n"
+        f"model = PeftModel.from_pretrained(base, {json.dumps(repo_id or '<this repo>')})\n```\n\n"
+        f"## Adapter configuration\n\n| adapter | r | lora_alpha | target modules | init |\n"
+        f"|---|---|---|---|---|\n{rows}\n"
+    )
+    if training:
+        rows = [(label, training[key]) for key, label in _TRAINING_LABELS.items() if key in training]
+        rows += [(k, v) for k, v in training.items() if k not in _TRAINING_LABELS and isinstance(v, (int, float, str))]
+        body += "\n## Training\n\n| | |\n|---|---|\n" + "".join(
+            _row(label, f"{value:.4f}" if isinstance(value, float) else value) + "\n" for label, value in rows)
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}"))
+
+
+def push_adapter_folder(folder: str | os.PathLike, repo_id: str, *, token: str | None = None,
+                        endpoint: str | None = None, private: bool | None = None, revision: str | None = None,
+                        tag: str | None = None, commit_message: str | None = None,
+                        commit_description: str | None = None, create_pr: bool = False,
+                        timeout: float | None = 60.0, max_attempts: int = 3, retry_delay: float = 1.0) -> PushResult:
+    """Upload an adapter folder to a Hub model repo as one commit; a no-op when the files are already there.
+
+    Steps: create_repo(exist_ok) -> create_branch(revision) -> upload_folder (one commit with parent_commit = the
+    head it started from; a weights file of the other format left in the repo is deleted, as a local re-save
+    does) -> create_tag (fine when the tag already points at that commit; an existing tag is never moved).
+
+    Args:
+        folder: the adapter folder. repo_id: "namespace/name", or "name" for the token owner's namespace.
+        token: a write token (default: HF_TOKEN or the stored login). endpoint: default HF_ENDPOINT or the Hub.
+        private: visibility of a repo this call creates. revision: a branch, created from main when missing.
+        tag: tag the pushed commit. create_pr: open a pull request against main instead (not with revision).
+        timeout: seconds per HTTP request (connect/read/write), None for none. Requests that huggingface_hub
+            retries itself (preupload, LFS) can take 6 timeouts plus its ~23 s backoff before failing.
+        max_attempts: tries per step for 5xx, 408, 412, 429, timeouts and connection errors, with exponential
+            backoff from retry_delay seconds (at most 30 s; a Retry-After header is honoured up to 60 s).
+
+    Returns:
+        PushResult; created_commit is False when the branch head already held these files.
+
+    Raises:
+        HubPushPermanentError: at once for 401 (invalid/missing token), 403 (no write access), 404 (repo or
+            revision not found), other 4xx, an invalid card, a tag at another commit, a folder holding the token.
+        HubPushTransientError, HubPushTimeout: the last transient error, after max_attempts. All are
+            HubPushError (.transient, .status); neither their message nor their chain holds the token.
+        FileNotFoundError, ValueError: invalid arguments.
+    """
+    from huggingface_hub import HfApi, get_token
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"No adapter folder at {folder}.")
+    if max_attempts < 1:
+        raise ValueError(f"max_attempts must be at least 1, got {max_attempts}.")
+    if create_pr and revision not in (None, "main"):
+        raise ValueError("create_pr opens a pull request against main; do not pass a revision with it.")
+    endpoint = (endpoint or os.environ.get("HF_ENDPOINT") or "").rstrip("/") or None
+    api = HfApi(endpoint=endpoint, token=token)
+    secrets = [s for s in (token, get_token()) if isinstance(s, str) and s]
+    branch = revision or "main"
+    ctx = _Context(repo_id, branch if revision else None, api.endpoint, secrets, max_attempts, retry_delay)
+    _refuse_folder_with_secret(folder, ctx)
+    with _client_scope(timeout):
+        ctx.repo_id = ctx.run("create repo", lambda: api.create_repo(repo_id, private=private, exist_ok=True)).repo_id
+        if branch != "main":  # create_pr: branch is "main"
+            ctx.run("create branch", lambda: api.create_branch(ctx.repo_id, branch=branch, exist_ok=True))
+        heads: list[str] = []
+
+        def upload():
+            parent = None
+            if not create_pr:
+                parent = api.repo_info(ctx.repo_id, revision=branch).sha
+                heads.append(parent)
+            return api.upload_folder(
+                repo_id=ctx.repo_id, folder_path=folder, revision=None if create_pr else branch,
+                commit_message=commit_message or "Upload adapter with adapterflow",
+                commit_description=commit_description, create_pr=create_pr, parent_commit=parent,
+                delete_patterns=_stale_weights(folder))
+
+        info = ctx.run("upload", upload)
+        if tag:
+            ctx.run("tag", lambda: _tag(api, ctx, tag, info.oid))
+    result = PushResult(repo_id=ctx.repo_id, commit_url=str(info.commit_url), commit_oid=info.oid,
+                        revision=(info.pr_revision or branch) if create_pr else branch, tag=tag,
+                        created_commit=bool(info.pr_url) if create_pr else info.oid != heads[0])
+    logger.info("Pushed %s to %s@%s: %s commit %s", folder, result.repo_id, result.revision,
+                "new" if result.created_commit else "unchanged, head", result.commit_oid)
+    return result
+
+
+def push_adapter_model(model, repo_id: str, private: bool | None = None, revision: str | None = None,
+                       commit_message: str | None = None, token: str | None = None, safe_serialization: bool = True,
+                       selected_adapters: Sequence[str] | None = None, create_pr: bool = False,
+                       tags: Sequence[str] | None = None, **kwargs: Any) -> PushResult:
+    """AdapterModel.push_to_hub: save_pretrained into a temporary folder, replace its README.md with
+    build_model_card, then push_adapter_folder.
+
+    Args:
+        repo_id, private, revision, commit_message, token, create_pr: see push_adapter_folder.
+        safe_serialization, selected_adapters: see save_pretrained. tags: see build_model_card.
+        **kwargs: license, datasets, training (build_model_card); endpoint, tag, commit_description, timeout,
+            max_attempts, retry_delay (push_adapter_folder).
+
+    Returns:
+        PushResult (PEFT returns a CommitInfo). Raises: TypeError for unknown kwargs; HubPushError.
+    """
+    if unknown := sorted(set(kwargs) - set(_CARD_OPTIONS) - set(_PUSH_OPTIONS)):
+        raise TypeError(f"push_to_hub() got unexpected keyword arguments {unknown}.")
+    card = {key: kwargs.pop(key) for key in _CARD_OPTIONS if key in kwargs}
+    with tempfile.TemporaryDirectory(prefix="adapterflow-push-") as tmp:
+        model.save_pretrained(tmp, safe_serialization=safe_serialization, selected_adapters=selected_adapters)
+        (Path(tmp) / formats.MODEL_CARD_NAME).write_text(build_model_card(tmp, tags=tags, repo_id=repo_id, **card))
+        return push_adapter_folder(tmp, repo_id, private=private, revision=revision, commit_message=commit_message,
+                                   token=token, create_pr=create_pr, **kwargs)
+
+
+@dataclass
+class _Context:
+    repo_id: str
+    revision: str | None
+    endpoint: str
+    secrets: list[str]
+    max_attempts: int
+    retry_delay: float
+
+    def scrub(self, text: str) -> str:
+        for secret in sorted(self.secrets, key=len, reverse=True):
+            text = text.replace(secret, "***")
+        return re.sub(r"(?i)\bbearer\s+[^\s'\"]+", "Bearer ***", text)
+
+    def run(self, step: str, fn: Callable[[], Any]) -> Any:
+        """fn(), retried on transient errors; errors leave as HubPushError without the original in the chain
+        (the client's exceptions keep the request, whose headers hold the token)."""
+        for attempt in range(1, self.max_attempts + 1):
+            try:
+                return fn()
+            except HubPushError as exc:
+                error, retry_after = exc, None
+            except Exception as exc:
+                if (kind := _classify(exc)) is None:
+                    raise
+                error, retry_after = self._error(exc, step, *kind), _retry_after(exc)
+            if not error.transient or attempt == self.max_attempts:
+                raise error  # outside the except block: no __context__ pointing at the client's exception
+            delay = max(min(self.retry_delay * 2 ** (attempt - 1), 30.0), min(retry_after or 0.0, 60.0))
+            logger.warning("%s (attempt %d/%d); retrying in %.2f s.", error, attempt, self.max_attempts, delay)
+            time.sleep(delay)
+
+    def _error(self, exc: BaseException, step: str, transient: bool, status: int | None) -> HubPushError:
+        import httpx2
+
+        detail = " ".join(self.scrub(getattr(exc, "server_message", None) or str(exc) or repr(exc)).split())[:500]
+        revision = f" and revision {self.revision!r}" if self.revision else ""
+        hints = {401: "the token is invalid or missing. Set HF_TOKEN (or pass token=) to a token with write scope.",
+                 403: f"the token lacks write access to {self.repo_id} (namespace {self.repo_id.split('/')[0]!r}). "
+                      f"Use a token with write scope for that namespace, or push to a namespace you own.",
+                 404: f"repository or revision not found: check repo_id {self.repo_id!r}{revision}."}
+        timed_out = isinstance(exc, (httpx2.TimeoutException, TimeoutError))
+        reason = f"HTTP {status}" if status else ("timed out" if timed_out else type(exc).__name__)
+        hint = hints.get(status, "retrying later may work." if transient else "retrying will not help.")
+        cls = HubPushTimeout if timed_out else HubPushTransientError if transient else HubPushPermanentError
+        return cls(f"Hub push failed ({reason}) during {step} of {self.repo_id} at {self.endpoint}: {hint} "
+                   f"({'Hub said' if status else 'error'}: {detail})", status=status, repo_id=self.repo_id, step=step)
+
+
+def _classify(exc: BaseException) -> tuple[bool, int | None] | None:
+    """(transient, HTTP status) of an error raised by the Hub client; None for errors that are not about the Hub."""
+    import httpx2
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    if isinstance(exc, OfflineModeIsEnabled):
+        return False, None
+    if isinstance(status, int):
+        return status in TRANSIENT_STATUSES or status >= 500, status
+    if isinstance(exc, (httpx2.TimeoutException, httpx2.NetworkError, httpx2.RemoteProtocolError,
+                        ConnectionError, TimeoutError)):  # builtins.ConnectionError: raised by hf_xet
+        return True, None
+    if isinstance(exc, (httpx2.HTTPError, OSError, ValueError)):  # ValueError: e.g. invalid card metadata
+        return False, None
+    return None
+
+
+def _retry_after(exc: BaseException) -> float | None:
+    value = (getattr(getattr(exc, "response", None), "headers", None) or {}).get("Retry-After")
+    return float(value) if value and value.strip().isdigit() else None
+
+
+@contextlib.contextmanager
+def _client_scope(timeout: float | None) -> Iterator[None]:
+    """Classic LFS uploads and a request timeout for the duration of a push; the previous settings after."""
+    import httpx2
+    from huggingface_hub import constants
+    from huggingface_hub.utils import _http, set_client_factory
+
+    previous = getattr(_http, "_GLOBAL_CLIENT_FACTORY", _http.default_client_factory)
+
+    def factory() -> httpx2.Client:
+        client = previous()  # default: httpx2.Client(event_hooks={"request": [hf_request_event_hook]}, ...)
+        client.timeout = httpx2.Timeout(timeout)
+        return client
+
+    with _PUSH_LOCK:
+        xet_disabled, constants.HF_HUB_DISABLE_XET = constants.HF_HUB_DISABLE_XET, True
+        set_client_factory(factory)
+        try:
+            yield
+        finally:
+            set_client_factory(previous)
+            constants.HF_HUB_DISABLE_XET = xet_disabled
+
+
+def _tag(api, ctx: _Context, tag: str, oid: str) -> Any:
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        return api.create_tag(ctx.repo_id, tag=tag, revision=oid)
+    except HfHubHTTPError as exc:
+        if exc.response.status_code != 409:
+            raise
+    existing = {t.name: t.target_commit for t in api.list_repo_refs(ctx.repo_id).tags}.get(tag)
+    if existing != oid:
+        raise HubPushPermanentError(f"Tag {tag!r} of {ctx.repo_id} already points at commit {existing}, not at the "
+                                    f"pushed commit {oid}; tags are never moved. Use another tag or delete the old "
+                                    f"one.", status=409, repo_id=ctx.repo_id, step="tag")
+
+
+def _stale_weights(folder: Path) -> list[str] | None:
+    """Repo paths of weights files in the other format next to the ones uploaded (a loader would prefer them)."""
+    names = formats.WEIGHTS_NAMES
+    return sorted((p.parent / other).relative_to(folder).as_posix() for name, other in zip(names, names[::-1])
+                  for p in folder.rglob(name) if not (p.parent / other).exists()) or None
+
+
+def _refuse_folder_with_secret(folder: Path, ctx: _Context) -> None:
+    needles = [s.encode() for s in ctx.secrets if len(s) >= 8]
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.stat().st_size and ".git" not in p.parts):
+        with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            if any(data.find(needle) != -1 for needle in needles):
+                raise HubPushPermanentError(f"{path.relative_to(folder)} contains the Hub token; not uploading it.",
+                                            repo_id=ctx.repo_id, step="check folder")
+
+
+def _read_configs(folder: Path) -> dict[str, dict]:
+    paths = [(formats.DEFAULT_ADAPTER_NAME, folder / formats.CONFIG_NAME)]
+    paths += [(p.parent.name, p) for p in sorted(folder.glob(f"*/{formats.CONFIG_NAME}"))]
+    configs = {name: json.loads(path.read_text()) for name, path in paths if path.is_file()}
+    if not configs:
+        raise FileNotFoundError(f"No {formats.CONFIG_NAME} in {folder} or its subfolders.")
+    return configs
+
+
+def _is_hub_repo_id(name: str) -> bool:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    with contextlib.suppress(HFValidationError):
+        return not (os.path.exists(name) or name.startswith((".", "~")) or os.path.isabs(name)) and (
+            validate_repo_id(name) is None)
+    return False
+
+
+def _row(*cells: Any) -> str:
+    text = (", ".join(sorted(c)) if isinstance(c, list) else str(c) for c in cells)
+    return "| " + " | ".join(t.replace("|", "\\|").replace("\n", " ") for t in text) + " |"

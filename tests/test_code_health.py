@@ -1,0 +1,47 @@
+"""Structural rules of the code base: PEFT is a test-only dependency, the core imports no orchestration or
+tracking client, and modules stay small enough to read in one sitting."""
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parents[1]
+PACKAGES = ("adapterflow", "flows", "tasks")
+SOURCES = sorted(p for package in PACKAGES for p in (ROOT / package).rglob("*.py"))
+MAX_LINES = 400
+
+
+def imported_modules(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_no_runtime_import_of_peft(path):
+    assert "peft" not in imported_modules(path)
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_modules_stay_small(path):
+    assert len(path.read_text().splitlines()) <= MAX_LINES
+
+
+def test_core_package_imports_only_torch_and_safetensors():
+    code = ("import sys, adapterflow; "
+            "print(sorted(m for m in ('prefect', 'mlflow', 'huggingface_hub', 'transformers', 'peft') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert result.stdout.strip() == "[]"
+
+
+def test_core_modules_never_import_prefect_or_mlflow():
+    for path in (ROOT / "adapterflow").rglob("*.py"):
+        assert not imported_modules(path) & {"prefect", "mlflow"}, path
