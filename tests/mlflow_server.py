@@ -6,7 +6,6 @@ conftest.py exposes the session fixture `mlflow_server` (the server's http URI);
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import Iterator
