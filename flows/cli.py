@@ -62,6 +62,8 @@ def main(argv: list[str] | None = None) -> None:
     if tracked:
         print(f"mlflow run:      {tracked['run_id']} ({tracked['run_url'] or tracked['tracking_uri']}); "
               f"model {tracked['registered_model_name']} v{tracked['model_version']}")
+    if summary["hub"]:
+        print(f"hub commit:      {summary['hub']['commit_url']}")
 
 
 if __name__ == "__main__":

@@ -105,6 +105,20 @@ class VerifySettings(_Section):
     atol: Optional[float] = Field(None, gt=0, description="logit tolerance (default: 1e-4 fp32, 5e-2 half precision)")
 
 
+class HubSettings(_Section):
+    repo_id: Optional[str] = Field(None, description="Hub model repo (namespace/name) to push to; empty: no push")
+    private: Optional[bool] = Field(None, description="create the repo private (an existing repo keeps its setting)")
+    revision: Optional[str] = Field(None, description="branch to push to (created if missing); default: main")
+    tag: Optional[str] = Field(None, description="tag to put on the pushed commit")
+    endpoint: Optional[str] = Field(None, description="Hub endpoint; default: $HF_ENDPOINT, else huggingface.co")
+    token_secret_block: Optional[str] = Field(
+        None, description="name of a Prefect Secret block holding the token; default: $HF_TOKEN")
+    license: Optional[str] = Field(None, description="license in the model card, e.g. apache-2.0")
+    datasets: Optional[list[str]] = Field(None, description="Hub dataset ids for the model card")
+    tags: list[str] = Field(default_factory=list, description="extra model card tags")
+    timeout_seconds: float = Field(120, gt=0, description="timeout of one Hub request")
+
+
 class SaveAdapterParameters(_Section):
     run_name: Optional[str] = Field(
         None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
@@ -118,6 +132,7 @@ class SaveAdapterParameters(_Section):
     save: SaveSettings = Field(default_factory=SaveSettings)
     verify: VerifySettings = Field(default_factory=VerifySettings)
     mlflow: MlflowSettings = Field(default_factory=MlflowSettings)
+    hub: HubSettings = Field(default_factory=HubSettings)
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:

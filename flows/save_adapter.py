@@ -1,4 +1,4 @@
-"""The `save-adapter` flow: train -> extract -> convert -> save -> verify -> MLflow, each a retryable Prefect task.
+"""The `save-adapter` flow: train -> extract -> convert -> save -> verify -> MLflow -> Hub, each a retryable Prefect task.
 
 Run it with `adapterflow run` (or `python -m flows.save_adapter`), or as a deployment:
 `prefect deployment run 'save-adapter/local'`.
@@ -7,6 +7,7 @@ Run it with `adapterflow run` (or `python -m flows.save_adapter`), or as a deplo
 from __future__ import annotations
 
 from prefect import flow
+from prefect.client.schemas.objects import State
 from prefect.runtime import flow_run
 
 from flows.parameters import SaveAdapterParameters
@@ -14,6 +15,7 @@ from tasks.convert_pissa_to_lora import convert_pissa_to_lora_task
 from tasks.extract_adapter import extract_adapter
 from tasks.log_to_mlflow import log_to_mlflow
 from tasks.prepare_run import prepare_run
+from tasks.push_to_hub import push_to_hub
 from tasks.save_adapter import save_adapter as save_adapter_files
 from tasks.train_adapter import train_adapter
 from tasks.verify_adapter import verify_adapter_task
@@ -29,10 +31,11 @@ def save_adapter(config: SaveAdapterParameters = SaveAdapterParameters()) -> dic
     plan = prepare_run(config, run_name)
     training = train_adapter(plan)
     extracted = extract_adapter(plan)
-    source = convert_pissa_to_lora_task(plan, extracted)
+    source = _result(convert_pissa_to_lora_task(plan, extracted))
     saved = save_adapter_files(plan, source)
     verification = verify_adapter_task(plan, saved)
-    tracked = log_to_mlflow(plan, config.mlflow, saved, verification, flow_run.get_id())
+    tracked = _result(log_to_mlflow(plan, config.mlflow, saved, verification, flow_run.get_id()))
+    pushed = _result(push_to_hub(plan, config.hub, config.mlflow, saved, tracked, flow_run.get_id()))
     print(f"Adapter saved to {saved['adapter_dir']} (verified: max |logit diff| {verification['max_abs_diff']:.2e})")
     return {
         "flow_run_id": flow_run.get_id(),
@@ -43,7 +46,13 @@ def save_adapter(config: SaveAdapterParameters = SaveAdapterParameters()) -> dic
         "eval_loss_after": training["eval_loss_after"],
         "verification": verification,
         "mlflow": tracked,
+        "hub": pushed,
     }
+
+
+def _result(value):
+    """A step that skips returns a Completed state named "Skipped" (visible in the UI); its data is the result."""
+    return value.result() if isinstance(value, State) else value
 
 
 if __name__ == "__main__":

@@ -22,12 +22,12 @@ def _transient(exc: BaseException) -> bool:
 
 @task(name="log-to-mlflow", **retry_options(_transient), **RESULT_OPTIONS)
 def log_to_mlflow(plan: RunPlan, settings: MlflowSettings, saved: dict, verification: dict, flow_run_id: str):
-    """Returns the MLflow run and model version ids and URLs (a "Skipped" state when mlflow.enabled is false).
+    """Returns the MLflow run and model version ids and URLs ({} and a "Skipped" state when mlflow.enabled is false).
 
     Idempotent: a retry finds the MLflow run and model version it created before, by the flow run id.
     """
     if not settings.enabled:
-        return Completed(name="Skipped", message="Skipped: MLflow logging is off (mlflow.enabled=false)", data=None)
+        return Completed(name="Skipped", message="Skipped: MLflow logging is off (mlflow.enabled=false)", data={})
     runs_root = project_path(plan.parameters["runs_root"])
     result = log_adapter_run(
         settings, runs_root=runs_root, run_dir=plan.run_dir, adapter_dir=saved["adapter_dir"],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
@@ -30,11 +31,16 @@ def flow_run_id(state) -> str:
     return str(state.state_details.flow_run_id)
 
 
-def task_runs(state) -> dict[str, object]:
-    """The flow run's task runs by task name (e.g. "train-adapter")."""
+def task_runs(state, timeout: float = 20) -> dict[str, object]:
+    """The flow run's task runs by task name (e.g. "train-adapter"), once the server has recorded their final
+    states (task run states reach the server as events, shortly after the flow returns)."""
+    deadline = time.monotonic() + timeout
     with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id(state)])))
-    return {run.name.rsplit("-", 1)[0]: run for run in runs}
+        while True:
+            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id(state)])))
+            if all(run.state and run.state.is_final() for run in runs) or time.monotonic() > deadline:
+                return {run.name.rsplit("-", 1)[0]: run for run in runs}
+            time.sleep(0.2)
 
 
 def artifacts(state) -> dict[str, object]:

@@ -1,0 +1,64 @@
+"""push-to-hub: publish the saved adapter (and a Hub model card) to a Hugging Face Hub model repo as one commit.
+
+Skipped (a Completed state named "Skipped") when no hub.repo_id is given. The token comes from a Prefect Secret
+block (hub.token_secret_block) or HF_TOKEN, and is never logged, returned or written anywhere.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+from prefect import task
+from prefect.artifacts import create_link_artifact
+from prefect.states import Completed
+
+from adapterflow import formats
+from adapterflow.hub import build_model_card, push_adapter_folder
+from adapterflow.run_dir import read_json
+from flows.parameters import HubSettings
+from tasks.mlflow_logging import MlflowSettings, set_hub_commit_tag
+from tasks.policy import RESULT_OPTIONS, RETRY_OPTIONS
+from tasks.run_plan import RunPlan
+
+
+@task(name="push-to-hub", **RETRY_OPTIONS, **RESULT_OPTIONS)
+def push_to_hub(plan: RunPlan, settings: HubSettings, mlflow_settings: MlflowSettings, saved: dict,
+                tracked: dict | None, flow_run_id: str):
+    """Returns {"repo_id", "commit_url", "commit_oid", "created_commit"}; pushing identical files again makes no
+    new commit and returns the existing one. {} (a "Skipped" state) without hub.repo_id."""
+    if not settings.repo_id:
+        return Completed(name="Skipped", message="Skipped: no hub.repo_id given", data={})
+    folder = _upload_folder(plan, settings, saved)
+    mlflow_note = f", MLflow run {tracked['run_id']}" if tracked else ""
+    result = push_adapter_folder(
+        folder, settings.repo_id, token=_token(settings), endpoint=settings.endpoint, private=settings.private,
+        revision=settings.revision, tag=settings.tag, timeout=settings.timeout_seconds,
+        commit_message=f"adapterflow: adapter '{plan.adapter_name}' from Prefect flow run {flow_run_id}{mlflow_note}",
+    )
+    create_link_artifact(key="hub-commit", link=result.commit_url, link_text=f"{result.repo_id}@{result.commit_oid[:12]}")
+    if tracked:
+        set_hub_commit_tag(mlflow_settings, tracked["tracking_uri"], tracked["run_id"], result.commit_url,
+                           registered_model_name=tracked["registered_model_name"], model_version=tracked["model_version"])
+    return {"repo_id": result.repo_id, "commit_url": result.commit_url, "commit_oid": result.commit_oid,
+            "created_commit": result.created_commit}
+
+
+def _upload_folder(plan: RunPlan, settings: HubSettings, saved: dict):
+    """<run>/hub: the saved adapter files plus the Hub model card (the core's README stays in the output folder)."""
+    folder = plan.run.root / "hub"
+    shutil.rmtree(folder, ignore_errors=True)
+    shutil.copytree(saved["output_dir"], folder, ignore=shutil.ignore_patterns(".*"))
+    training = read_json(plan.run.training_summary)
+    summary = {k: training[k] for k in ("steps", "final_loss", "eval_loss_before", "eval_loss_after")}
+    card = build_model_card(folder, license=settings.license, datasets=settings.datasets, tags=settings.tags,
+                            training=summary, repo_id=settings.repo_id)
+    (folder / formats.MODEL_CARD_NAME).write_text(card)
+    return folder
+
+
+def _token(settings: HubSettings) -> str | None:
+    if not settings.token_secret_block:
+        return None  # huggingface_hub reads HF_TOKEN
+    from prefect.blocks.system import Secret
+
+    return Secret.load(settings.token_secret_block).get()

@@ -1,0 +1,91 @@
+"""The flow's push-to-hub step with the real huggingface_hub client against the local Hub-protocol server."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+from huggingface_hub import constants, snapshot_download
+from mlflow import MlflowClient
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
+
+from flow_helpers import artifacts, run_flow, task_runs
+from hub_server import HubServer
+
+pytestmark = pytest.mark.usefixtures("prefect_api")
+TOKEN = "hf_flowtest_secret_token_value"
+REPO = "tester/flow-adapter"
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory):
+    home = tmp_path_factory.mktemp("hf-home")
+    with pytest.MonkeyPatch.context() as mp, HubServer(tmp_path_factory.mktemp("hub"), token=TOKEN) as server:
+        mp.setattr(constants, "HF_HOME", str(home))
+        mp.setattr(constants, "HF_HUB_CACHE", str(home / "hub"))
+        mp.setattr(constants, "HF_TOKEN_PATH", str(home / "token"))
+        yield server
+
+
+def flow_logs(flow_run_id: str) -> str:
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+    return "\n".join(log.message for log in logs)
+
+
+def test_push_with_mlflow_then_idempotent_repush(hub, mlflow_server, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    settings = {"repo_id": REPO, "endpoint": hub.url, "license": "apache-2.0", "tag": "v1"}
+    state = run_flow(tmp_path / "runs", run_name="hub", hub=settings,
+                     mlflow={"tracking_uri": mlflow_server, "registered_model_name": "hub-test"})
+    assert state.is_completed(), state.message
+    summary = state.result()
+    pushed, tracked = summary["hub"], summary["mlflow"]
+    assert pushed["created_commit"] and pushed["commit_oid"] == hub.refs(REPO)["tags"]["v1"]
+    commit = hub.commits(REPO)[0]
+    assert summary["flow_run_id"] in commit["title"] and tracked["run_id"] in commit["title"]
+
+    local = tmp_path / "download"
+    snapshot_download(REPO, endpoint=hub.url, token=TOKEN, local_dir=local)
+    adapter_dir = Path(summary["adapter_dir"])
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        assert (local / name).read_bytes() == (adapter_dir / name).read_bytes()
+    card = yaml.safe_load((local / "README.md").read_text().split("---")[1])
+    assert card["library_name"] == "peft" and card["license"] == "apache-2.0" and "lora" in card["tags"]
+    assert "eval loss" in (local / "README.md").read_text().lower()
+
+    client = MlflowClient(mlflow_server, mlflow_server)
+    assert client.get_run(tracked["run_id"]).data.tags["hub.commit_url"] == pushed["commit_url"]
+    assert pushed["commit_url"] in artifacts(state)["hub-commit"][1]
+
+    again = run_flow(tmp_path / "runs", run_name="hub", hub=settings, mlflow={"enabled": False})
+    assert again.is_completed(), again.message
+    assert not again.result()["hub"]["created_commit"] and again.result()["hub"]["commit_oid"] == pushed["commit_oid"]
+
+    secret_free = [flow_logs(summary["flow_run_id"]), str(summary), str(client.get_run(tracked["run_id"]).data)]
+    secret_free += [p.read_text(errors="ignore") for p in (tmp_path / "runs").rglob("*") if p.is_file()]
+    assert not any(TOKEN in text for text in secret_free)
+
+
+def test_token_from_a_prefect_secret_block_and_no_repo_skips(hub, tmp_path, monkeypatch):
+    from prefect.blocks.system import Secret
+
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    Secret(value=TOKEN).save("hub-token-test", overwrite=True)
+    state = run_flow(tmp_path / "runs", hub={"repo_id": "tester/from-secret", "endpoint": hub.url,
+                                             "token_secret_block": "hub-token-test"})
+    assert state.is_completed(), state.message
+    assert hub.commits("tester/from-secret")[0]["oid"] == state.result()["hub"]["commit_oid"]
+
+    skipped = run_flow(tmp_path / "runs")
+    assert task_runs(skipped)["push-to-hub"].state.name == "Skipped" and skipped.result()["hub"] == {}
+
+
+def test_wrong_token_fails_at_once_and_names_the_fix(hub, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_wrong_token_value_123")
+    state = run_flow(tmp_path / "runs", hub={"repo_id": REPO, "endpoint": hub.url})
+    assert state.is_failed()
+    push = task_runs(state)["push-to-hub"]
+    assert push.run_count == 1  # permanent: no Prefect retry
+    message = str(state.result(raise_on_failure=False))
+    assert "HF_TOKEN" in message and "hf_wrong_token_value_123" not in message
