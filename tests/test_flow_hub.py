@@ -7,7 +7,7 @@ import yaml
 from huggingface_hub import constants, snapshot_download
 from mlflow import MlflowClient
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
+from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 
 from flow_helpers import artifacts, run_flow, task_runs
 from hub_server import HubServer
