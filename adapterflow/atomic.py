@@ -93,12 +93,12 @@ def staged_directory(target: str | os.PathLike, keep: Callable[[Path], bool] = l
 def _commit(staging: Path, target: Path, keep: Callable[[Path], bool]) -> None:
     staging.chmod(0o755)
     if not target.exists():
-        _fsync_tree(staging)
+        fsync_tree(staging)
         os.rename(staging, target)
         fsync_dir(target.parent)
         return
     _carry_over(target, staging, Path(), keep)
-    _fsync_tree(staging)
+    fsync_tree(staging)
     cwd_inside = _cwd_relative_to(target)
     try:
         _exchange(staging, target)
@@ -134,7 +134,8 @@ def _carry_over(old_root: Path, new_root: Path, rel: Path, keep: Callable[[Path]
                 shutil.copy2(entry.path, new_path)
 
 
-def _fsync_tree(root: Path) -> None:
+def fsync_tree(root: Path) -> None:
+    """fsync every file and folder under root, so a rename that publishes it cannot expose lost data."""
     for dirpath, _, filenames in os.walk(root):
         for name in filenames:
             path = os.path.join(dirpath, name)

@@ -82,6 +82,8 @@ def read_initial_adapter(path: str | os.PathLike) -> Adapter:
 def mark_initial_adapter_converted(path: str | os.PathLike, config: LoraConfig) -> None:
     """Rewrite the initial adapter's config with init_lora_weights=True, as PEFT does, so that loading it later
     does not run the PiSSA decomposition again on a base model that is already a residual."""
+    if config.init_lora_weights is True:
+        return  # already rewritten by an earlier conversion: nothing to change
     config = copy.deepcopy(config)
     config.init_lora_weights = True
     config.save_pretrained(os.path.normpath(path))

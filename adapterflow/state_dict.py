@@ -95,7 +95,7 @@ def _resolve_save_embedding_layers(model: nn.Module, config: LoraConfig, flag: S
         return flag
     if flag != "auto":
         raise ValueError(f"save_embedding_layers must be True, False or 'auto', got {flag!r}.")
-    if embedding_is_targeted(config.target_modules, [name for name, _ in model.named_modules()]):
+    if embedding_is_targeted(config.target_modules, _bare_model(model)):
         warnings.warn("Setting `save_embedding_layers` to `True` as embedding layers found in `target_modules`.")
         return True
     base_vocab = _base_vocab_size(config.base_model_name_or_path)
@@ -107,6 +107,11 @@ def _resolve_save_embedding_layers(model: nn.Module, config: LoraConfig, flag: S
         )
         return True
     return False
+
+
+def _bare_model(model: nn.Module) -> nn.Module:
+    """The wrapped transformers model of an AdapterModel (or the module itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def _base_vocab_size(base_model_name_or_path: str | None) -> int | None:
@@ -121,7 +126,7 @@ def _base_vocab_size(base_model_name_or_path: str | None) -> int | None:
 
 
 def _vocab_size(model: nn.Module) -> int | None:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = _bare_model(model)
     embeddings = base.get_input_embeddings() if hasattr(base, "get_input_embeddings") else None
     if isinstance(embeddings, LoraLayer):
         embeddings = embeddings.base_layer
@@ -131,12 +136,12 @@ def _vocab_size(model: nn.Module) -> int | None:
 def _embedding_tensors(model: nn.Module, config: LoraConfig) -> dict[str, torch.Tensor]:
     """The input/output embedding weights under their model names (`...embed_tokens.base_layer.weight` when
     the embedding is LoRA-wrapped), as PEFT saves them."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = _bare_model(model)
     if not hasattr(base, "get_input_embeddings"):
         warnings.warn("Could not identify embedding layer(s) because the model is not a transformers model.")
         return {}
     names = {id(module): name for name, module in model.named_modules()}
-    targeted = embedding_is_targeted(config.target_modules, list(names.values()))
+    targeted = embedding_is_targeted(config.target_modules, base)
     state = {}
     for layer in (base.get_input_embeddings(), base.get_output_embeddings()):
         if isinstance(layer, LoraLayer):

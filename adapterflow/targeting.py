@@ -177,14 +177,15 @@ def _warn_unused_entries(config: LoraConfig, lora_modules: list[str]) -> None:
         )
 
 
-def embedding_is_targeted(target_modules: list[str] | str | None, module_names: list[str]) -> bool:
-    """PEFT's rule for save_embedding_layers="auto": an embedding-named module is a target."""
+def embedding_is_targeted(target_modules: list[str] | str | None, model: nn.Module) -> bool:
+    """PEFT's rule for save_embedding_layers="auto": an embedding-named module is a target. Only a regex needs the
+    module names, so a plain list never walks the model."""
     if isinstance(target_modules, str):
         if target_modules.lower() == formats.ALL_LINEAR:
             return False
         return any(
             re.fullmatch(target_modules, name)
-            for name in module_names
+            for name, _ in model.named_modules()
             if any(re.match(rf"(.*\.)?{e}$", name) for e in formats.EMBEDDING_LAYER_NAMES)
         )
     return bool(target_modules) and any(e in target_modules for e in formats.EMBEDDING_LAYER_NAMES)
