@@ -71,7 +71,7 @@ class AdapterSettings(_Section):
 
 
 class TrainingParameters(_Section):
-    steps: Optional[int] = Field(200, ge=1, description="optimizer steps (or set epochs and steps: null)")
+    steps: Optional[int] = Field(300, ge=1, description="optimizer steps (or set epochs and steps: null)")
     epochs: Optional[float] = Field(None, gt=0)
     learning_rate: float = Field(3e-3, gt=0)
     batch_size: int = Field(16, ge=1)

@@ -32,7 +32,10 @@ def prepare_run(params: SaveAdapterParameters, run_name: str) -> RunPlan:
     <run>/plan.json. Raises ParameterError listing everything that is wrong."""
     run = RunDir(project_path(params.runs_root) / run_name)
     problems: list[str] = []
-    base_path = _check(problems, lambda: resolve_base_model(params.base_model.name_or_path))
+    base_name = params.base_model.name_or_path
+    if not base_name.startswith("builtin:") and project_path(base_name).exists():
+        base_name = str(project_path(base_name))  # relative folders mean "in the project", as everywhere else
+    base_path = _check(problems, lambda: resolve_base_model(base_name))
     dataset = project_path(params.dataset.path) if not params.dataset.path.startswith("builtin:") else params.dataset.path
     examples = _check(problems, lambda: load_examples(dataset))
     config = _check(problems, lambda: params.adapter.lora_config(str(base_path)))
