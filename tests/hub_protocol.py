@@ -19,10 +19,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import yaml
 
-try:  # imported as `tests.hub_protocol`
-    from .hub_store import HubError, lfs_pointer, upload_mode
-except ImportError:  # imported as `hub_protocol`, with tests/ on sys.path
-    from hub_store import HubError, lfs_pointer, upload_mode
+from hub_store import HubError, lfs_pointer, upload_mode  # tests/ is on sys.path (pytest rootdir imports)
 
 if TYPE_CHECKING:
     from hub_server import HubServer

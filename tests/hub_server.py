@@ -27,6 +27,7 @@ The HTTP routes live in `hub_protocol.py`, the on-disk repos, commits and blobs 
 
 from __future__ import annotations
 
+import contextlib
 import re
 import socket
 import threading
@@ -34,12 +35,8 @@ from dataclasses import dataclass, field
 from http.server import ThreadingHTTPServer
 from pathlib import Path
 
-try:  # imported as `tests.hub_server`
-    from .hub_protocol import HubHandler
-    from .hub_store import HubStore
-except ImportError:  # imported as `hub_server`, with tests/ on sys.path
-    from hub_protocol import HubHandler
-    from hub_store import HubStore
+from hub_protocol import HubHandler  # tests/ is on sys.path (pytest rootdir imports)
+from hub_store import HubStore
 
 
 @dataclass
@@ -192,3 +189,23 @@ class HubServer:
         """{"branches": {name: oid}, "tags": {name: oid}}."""
         meta = self.store.load(repo_id)
         return {"branches": dict(meta["branches"]), "tags": dict(meta["tags"])}
+
+
+@contextlib.contextmanager
+def isolated_hub_client(home: Path):
+    """Run the huggingface_hub client with a private HF_HOME, no Xet (this server has none), no telemetry, and no
+    HF_TOKEN / HF_ENDPOINT from the developer's shell. The client reads some of these at import, hence the
+    constants are patched too."""
+    import pytest
+    from huggingface_hub import constants
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HOME", str(home))
+        mp.delenv("HF_TOKEN", raising=False)
+        mp.delenv("HF_ENDPOINT", raising=False)
+        mp.setattr(constants, "HF_HUB_DISABLE_XET", True)
+        mp.setattr(constants, "HF_HUB_DISABLE_TELEMETRY", True)
+        mp.setattr(constants, "HF_HOME", str(home))
+        mp.setattr(constants, "HF_HUB_CACHE", str(home / "hub"))
+        mp.setattr(constants, "HF_TOKEN_PATH", str(home / "token"))
+        yield home

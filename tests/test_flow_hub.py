@@ -4,13 +4,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-from huggingface_hub import constants, snapshot_download
+from huggingface_hub import snapshot_download
 from mlflow import MlflowClient
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 
 from flow_helpers import artifacts, run_flow, task_runs
-from hub_server import HubServer
+from hub_server import HubServer, isolated_hub_client
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 TOKEN = "hf_flowtest_secret_token_value"
@@ -19,11 +19,8 @@ REPO = "tester/flow-adapter"
 
 @pytest.fixture(scope="module")
 def hub(tmp_path_factory):
-    home = tmp_path_factory.mktemp("hf-home")
-    with pytest.MonkeyPatch.context() as mp, HubServer(tmp_path_factory.mktemp("hub"), token=TOKEN) as server:
-        mp.setattr(constants, "HF_HOME", str(home))
-        mp.setattr(constants, "HF_HUB_CACHE", str(home / "hub"))
-        mp.setattr(constants, "HF_TOKEN_PATH", str(home / "token"))
+    with isolated_hub_client(tmp_path_factory.mktemp("hf-home")), \
+            HubServer(tmp_path_factory.mktemp("hub"), token=TOKEN) as server:
         yield server
 
 

@@ -34,7 +34,7 @@ from adapterflow.hub import (  # noqa: E402
     is_transient_hub_error,
     push_adapter_folder,
 )
-from hub_server import HubServer  # noqa: E402
+from hub_server import HubServer, isolated_hub_client  # noqa: E402
 from tiny import logits, randomize_adapters  # noqa: E402
 
 TOKEN = "hf_adapterflow_secret_0123456789"
@@ -44,17 +44,7 @@ TRAINING = {"steps": 8, "final_loss": 1.25, "eval_loss_before": 2.5, "eval_loss_
 
 @pytest.fixture(scope="module", autouse=True)
 def hf_env(tmp_path_factory):
-    """Keep the client off Xet, off telemetry and out of the user's HF_HOME and HF_TOKEN."""
-    home = tmp_path_factory.mktemp("hf_home")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HF_HOME", str(home))
-        mp.delenv("HF_TOKEN", raising=False)
-        mp.delenv("HF_ENDPOINT", raising=False)
-        mp.setattr(constants, "HF_HUB_DISABLE_XET", True)
-        mp.setattr(constants, "HF_HUB_DISABLE_TELEMETRY", True)
-        mp.setattr(constants, "HF_HOME", str(home))
-        mp.setattr(constants, "HF_HUB_CACHE", str(home / "hub"))
-        mp.setattr(constants, "HF_TOKEN_PATH", str(home / "token"))
+    with isolated_hub_client(tmp_path_factory.mktemp("hf_home")) as home:
         yield home
 
 

@@ -16,7 +16,7 @@ from pathlib import Path  # noqa: E402
 
 import httpx2  # noqa: E402
 import pytest  # noqa: E402
-from huggingface_hub import HfApi, constants, hf_hub_download, snapshot_download  # noqa: E402
+from huggingface_hub import HfApi, hf_hub_download, snapshot_download  # noqa: E402
 from huggingface_hub.errors import (  # noqa: E402
     HfHubHTTPError,
     RemoteEntryNotFoundError,
@@ -26,7 +26,7 @@ from huggingface_hub.errors import (  # noqa: E402
 from huggingface_hub.utils import _http, set_client_factory  # noqa: E402
 from huggingface_hub.utils.sha import git_hash  # noqa: E402
 
-from hub_server import HubServer  # noqa: E402
+from hub_server import HubServer, isolated_hub_client  # noqa: E402
 
 TOKEN = "hf_test_token_0123456789"
 README = "---\nlicense: apache-2.0\nlibrary_name: peft\ntags:\n- lora\n---\n\n# Tiny LoRA adapter\n"
@@ -35,14 +35,7 @@ CONFIG = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_pr
 
 @pytest.fixture(scope="module", autouse=True)
 def hf_env(tmp_path_factory):
-    """Keep the client off Xet, off telemetry and out of the user's HF_HOME, whatever ran before."""
-    home = tmp_path_factory.mktemp("hf_home")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HF_HOME", str(home))
-        mp.setattr(constants, "HF_HUB_DISABLE_XET", True)
-        mp.setattr(constants, "HF_HUB_DISABLE_TELEMETRY", True)
-        mp.setattr(constants, "HF_HOME", str(home))
-        mp.setattr(constants, "HF_HUB_CACHE", str(home / "hub"))
+    with isolated_hub_client(tmp_path_factory.mktemp("hf_home")) as home:
         yield home
 
 
