@@ -137,8 +137,9 @@ def _carry_over(old_root: Path, new_root: Path, rel: Path, keep: Callable[[Path]
 def fsync_tree(root: Path) -> None:
     """fsync every file and folder under root, so a rename that publishes it cannot expose lost data."""
     for dirpath, _, filenames in os.walk(root):
-        for name in filenames:
-            path = os.path.join(dirpath, name)
+        # Largest first: its journal commit also carries the small files, whose own fsyncs then find little to do.
+        paths = [os.path.join(dirpath, name) for name in filenames]
+        for path in sorted(paths, key=lambda p: -os.lstat(p).st_size):
             if not os.path.islink(path):
                 fd = os.open(path, os.O_RDONLY)
                 try:
