@@ -52,7 +52,7 @@ class MlflowSettings(BaseModel):
                           "sqlite:///<runs_root>/mlflow.db with artifacts in <runs_root>/mlartifacts")
     experiment: str = Field("adapterflow", min_length=1, description="MLflow experiment name")
     registered_model_name: Optional[str] = Field(
-        None, description="registered model to add a version to; default: <adapter name>-<base model folder>")
+        None, description="registered model to add a version to; default: <adapter name>-<base model name>, e.g. default-tiny-llama")
     alias: Optional[str] = Field(None, description='alias to point at the new version, e.g. "candidate"')
     request_timeout_seconds: float = Field(10, gt=0, description="timeout of one HTTP request (whole seconds)")
     max_retries: int = Field(2, ge=0, description="MLflow's own retries of a failed HTTP request")
@@ -321,7 +321,9 @@ def _run_tags(plan, flow_run_id, flow_run_url, training, verification) -> dict[s
 
 
 def _derived_model_name(plan: dict) -> str:
-    name = f"{plan.get('adapter_name', 'default')}-{Path(plan['base_model_path']).name}"
+    # The base model as the user named it ("builtin:tiny-llama" -> "tiny-llama"), not its cache folder.
+    given = plan.get("parameters", {}).get("base_model", {}).get("name_or_path") or plan["base_model_path"]
+    name = f"{plan.get('adapter_name', 'default')}-{Path(given.removeprefix('builtin:')).name}"
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-.") or "adapter"
 
 

@@ -236,7 +236,7 @@ def test_default_sqlite_store_under_runs_root(base_model_dir, adapter_dir, tmp_p
     runs_root = inputs["runs_root"].absolute()
     assert result["tracking_uri"] == f"sqlite:///{runs_root / 'mlflow.db'}"
     assert result["run_url"] is None and result["model_version_url"] is None
-    assert result["registered_model_name"] == f"default-{base_model_dir.name}"
+    assert result["registered_model_name"] == "default-tiny-llama"  # from "builtin:tiny-llama", not the cache folder
     assert mlflow.get_tracking_uri() == tracking_before and "MLFLOW_TRACKING_URI" not in os.environ
     client = MlflowClient(result["tracking_uri"], result["tracking_uri"])
     assert client.get_run(result["run_id"]).info.status == "FINISHED"
