@@ -46,7 +46,8 @@ def resolve_base_model(name_or_path: str, cache_dir: str | os.PathLike | None = 
     """The local folder of a base model, building a builtin one on first use.
 
     Args:
-        name_or_path: `builtin:<name>` (e.g. `builtin:tiny-llama`) or a local transformers model folder.
+        name_or_path: `builtin:<name>` (e.g. `builtin:tiny-llama`), a local transformers model folder, or a Hub
+            repo id (downloaded into the huggingface_hub cache; HF_ENDPOINT and HF_TOKEN apply).
         cache_dir: where builtin models are built (default: `default_cache_dir()`).
 
     Returns:
@@ -54,7 +55,7 @@ def resolve_base_model(name_or_path: str, cache_dir: str | os.PathLike | None = 
 
     Raises:
         ValueError: an unknown builtin name (the message lists the available ones).
-        FileNotFoundError: the folder does not exist or has no config.json, or the name is a Hub repo id.
+        FileNotFoundError: the folder does not exist or has no config.json, or a Hub repo id cannot be downloaded.
         NotADirectoryError: the path is a file.
     """
     if name_or_path.startswith(BUILTIN_PREFIX):
@@ -68,13 +69,25 @@ def resolve_base_model(name_or_path: str, cache_dir: str | os.PathLike | None = 
     if path.exists():
         raise NotADirectoryError(f"Base model {path.resolve()} is a file; pass the model's folder instead.")
     if _HUB_ID.match(name_or_path) and not name_or_path.startswith("."):
-        raise FileNotFoundError(
-            f"Base model {name_or_path!r} is not a local folder. It looks like a Hugging Face Hub repo id, but "
-            f"adapterflow never downloads models: download it first (e.g. `hf download {name_or_path} --local-dir "
-            f"models/{name_or_path.split('/')[-1]}`) and pass the local folder path, or use "
-            f"{BUILTIN_PREFIX}tiny-llama.")
+        return _download(name_or_path)
     raise FileNotFoundError(f"Base model folder {path.absolute()} does not exist; pass a local transformers model "
                             f"folder or one of {_builtin_names()}.")
+
+
+def _download(repo_id: str) -> Path:
+    """A Hub model's config, safetensors weights and tokenizer files, in the huggingface_hub cache."""
+    from huggingface_hub import snapshot_download  # only for Hub ids: nothing else in the core needs the Hub
+
+    try:
+        return Path(snapshot_download(repo_id, endpoint=os.environ.get("HF_ENDPOINT") or None,
+                                      allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+    except Exception as exc:  # noqa: BLE001 - any failure means: not available here
+        reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        raise FileNotFoundError(
+            f"Base model {repo_id!r} is not a local folder and could not be downloaded from the Hub ({reason}). "
+            f"Without access to the Hub, download it elsewhere (e.g. `hf download {repo_id} --local-dir "
+            f"models/{repo_id.split('/')[-1]}`) and pass the local folder, or use {BUILTIN_PREFIX}tiny-llama."
+        ) from None
 
 
 def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:

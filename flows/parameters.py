@@ -29,7 +29,8 @@ class _Section(BaseModel):
 
 
 class BaseModelSettings(_Section):
-    name_or_path: str = Field("builtin:tiny-llama", description="builtin:tiny-llama, or a local transformers model folder")
+    name_or_path: str = Field(
+        "builtin:tiny-llama", description="builtin:tiny-llama, a local transformers model folder, or a Hub repo id")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="dtype of the base weights")
 
 

@@ -38,7 +38,9 @@ def prepare_run(params: SaveAdapterParameters, run_name: str) -> RunPlan:
     base_path = _check(problems, lambda: resolve_base_model(base_name))
     dataset = project_path(params.dataset.path) if not params.dataset.path.startswith("builtin:") else params.dataset.path
     examples = _check(problems, lambda: load_examples(dataset))
-    config = _check(problems, lambda: params.adapter.lora_config(str(base_path)))
+    # Adapters name their base as others can find it: a Hub id stays a Hub id, a local base is its folder.
+    is_hub_id = base_path is not None and not base_name.startswith("builtin:") and not Path(base_name).exists()
+    config = _check(problems, lambda: params.adapter.lora_config(base_name if is_hub_id else str(base_path)))
     n_train = None
     if base_path is not None and config is not None:
         _check(problems, lambda: plan_targets(_meta_model(base_path), config))

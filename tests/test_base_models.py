@@ -138,11 +138,36 @@ def test_missing_local_folder(tmp_path):
         resolve_base_model(str(tmp_path / "nowhere"))
 
 
-def test_hub_repo_id_asks_for_a_local_download():
-    with pytest.raises(FileNotFoundError) as error:
-        resolve_base_model("meta-llama/Llama-2-7b-hf")
+def test_unreachable_hub_repo_id_asks_for_a_local_download(tmp_path, monkeypatch):
+    from hub_server import isolated_hub_client
+    from servers import free_port
+
+    with isolated_hub_client(tmp_path / "hf"):
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+        with pytest.raises(FileNotFoundError) as error:
+            resolve_base_model("meta-llama/Llama-2-7b-hf")
     message = str(error.value)
-    assert "meta-llama/Llama-2-7b-hf" in message and "download it first" in message and "local folder" in message
+    assert "could not be downloaded" in message and "hf download meta-llama/Llama-2-7b-hf" in message
+    assert "local folder" in message
+
+
+def test_hub_repo_id_is_downloaded(tmp_path, monkeypatch):
+    """A base model given as a Hub id comes through the real client (here from the local Hub-protocol server)."""
+    from huggingface_hub import HfApi
+
+    from hub_server import HubServer, isolated_hub_client
+
+    built = resolve_base_model("builtin:tiny-llama", tmp_path / "cache")
+    with isolated_hub_client(tmp_path / "hf"), HubServer(tmp_path / "hub", token="hf_base_model_test") as hub:
+        api = HfApi(endpoint=hub.url, token="hf_base_model_test")
+        api.create_repo("tester/tiny-base")
+        api.upload_folder(folder_path=built, repo_id="tester/tiny-base")
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        monkeypatch.setenv("HF_TOKEN", "hf_base_model_test")
+        folder = resolve_base_model("tester/tiny-base")
+    assert (folder / "config.json").read_bytes() == (built / "config.json").read_bytes()
+    assert (folder / "model.safetensors").read_bytes() == (built / "model.safetensors").read_bytes()
+    assert load_base_model(folder).config.hidden_size == load_base_model(built).config.hidden_size
 
 
 def test_unknown_builtin_lists_the_available_ones(tmp_path):

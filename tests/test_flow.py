@@ -122,3 +122,33 @@ def test_transient_failure_is_retried_and_permanent_one_is_not(tmp_path, monkeyp
     assert state.is_failed()
     assert permanent.calls == 1 and task_runs(state)["convert-pissa-to-lora"].run_count == 1
     assert "Permission denied" in str(state.result(raise_on_failure=False))
+
+
+def test_an_output_folder_is_never_shared_between_runs(tmp_path):
+    shared = tmp_path / "adapters" / "nightly"
+    first = run_flow(tmp_path / "runs", run_name="first", adapter={"init": "lora"}, save={"output_dir": str(shared)})
+    assert first.is_completed(), first.message
+    before = {p.name: p.read_bytes() for p in shared.iterdir()}
+
+    refused = run_flow(tmp_path / "runs", run_name="second", adapter={"init": "lora"}, save={"output_dir": str(shared)})
+    assert refused.is_failed() and "already holds (or is reserved for) another run's adapter" in str(
+        refused.result(raise_on_failure=False))
+    assert not (tmp_path / "runs" / "second" / "checkpoints").exists()  # refused before training
+
+    versioned = run_flow(tmp_path / "runs", run_name="third", adapter={"init": "lora"},
+                         save={"output_dir": str(shared), "if_exists": "new_version"})
+    assert versioned.is_completed(), versioned.message
+    assert Path(versioned.result()["adapter_dir"]) == shared.with_name("nightly-v2")
+    assert {p.name: p.read_bytes() for p in shared.iterdir()} == before  # the first run's adapter is untouched
+
+    rerun = run_flow(tmp_path / "runs", run_name="first", adapter={"init": "lora"}, save={"output_dir": str(shared)})
+    assert rerun.is_completed(), rerun.message  # a run may rewrite its own folder
+
+
+def test_epochs_set_the_number_of_steps(tmp_path):
+    from flow_helpers import parameters
+    from tasks.prepare_run import _training_settings
+
+    params = parameters(tmp_path, training={"steps": None, "epochs": 1.5, "batch_size": 10,
+                                            "gradient_accumulation_steps": 2})
+    assert _training_settings(params, n_train=95)["steps"] == 8  # ceil(1.5 * ceil(95 / 10 / 2))

@@ -1,5 +1,6 @@
 """The flow's push-to-hub step with the real huggingface_hub client against the local Hub-protocol server."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -86,3 +87,19 @@ def test_wrong_token_fails_at_once_and_names_the_fix(hub, tmp_path, monkeypatch)
     assert push.run_count == 1  # permanent: no Prefect retry
     message = str(state.result(raise_on_failure=False))
     assert "HF_TOKEN" in message and "hf_wrong_token_value_123" not in message
+
+
+def test_base_model_given_as_a_hub_repo_id(hub, tmp_path, monkeypatch):
+    from huggingface_hub import HfApi
+
+    from adapterflow.base_models import resolve_base_model
+
+    api = HfApi(endpoint=hub.url, token=TOKEN)
+    api.create_repo("tester/tiny-base", exist_ok=True)
+    api.upload_folder(folder_path=resolve_base_model("builtin:tiny-llama"), repo_id="tester/tiny-base")
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    state = run_flow(tmp_path / "runs", base_model={"name_or_path": "tester/tiny-base"})
+    assert state.is_completed(), state.message
+    config = json.loads((Path(state.result()["adapter_dir"]) / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "tester/tiny-base"  # portable: the Hub id, not a cache path
