@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from prefect import get_run_logger, task
 from prefect.artifacts import create_table_artifact
 
@@ -37,7 +38,10 @@ def train_adapter(plan: RunPlan) -> dict:
         logger.info("Resumed from the checkpoint at step %d", result.resumed_from)
     eval_after = evaluate(model, eval_data, settings.batch_size, tokenizer.pad_token_id, settings.device)
     probe = collate(eval_data[:PROBE_SIZE], tokenizer.pad_token_id)
-    write_probe(run.probe, probe, model(**{k: v.to(settings.device) for k, v in probe.items() if k != "labels"}).logits.detach().cpu())
+    with torch.no_grad():
+        probe_logits = model(input_ids=probe["input_ids"].to(settings.device),
+                             attention_mask=probe["attention_mask"].to(settings.device)).logits
+    write_probe(run.probe, probe, probe_logits.cpu())
     trainable, total = model.get_nb_trainable_parameters()
     summary = {
         "steps": result.steps, "final_loss": result.losses[-1], "losses": result.losses,
