@@ -27,11 +27,7 @@ _RENAME_EXCHANGE = 2
 
 def fsync_dir(path: str | os.PathLike) -> None:
     """Make a rename or a new entry in `path` durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    _fsync_path(path, os.O_DIRECTORY)
 
 
 def write_file_atomic(path: str | os.PathLike, data: bytes | Callable[[int], None], fsync: bool = True) -> None:
@@ -141,12 +137,16 @@ def fsync_tree(root: Path) -> None:
         paths = [os.path.join(dirpath, name) for name in filenames]
         for path in sorted(paths, key=lambda p: -os.lstat(p).st_size):
             if not os.path.islink(path):
-                fd = os.open(path, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+                _fsync_path(path)
         fsync_dir(dirpath)
+
+
+def _fsync_path(path: str | os.PathLike, flags: int = 0) -> None:
+    fd = os.open(path, os.O_RDONLY | flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _exchange(a: Path, b: Path) -> None:

@@ -5,6 +5,7 @@ set here at import time of the conftest, which pytest loads before any test modu
 """
 
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -58,6 +59,15 @@ def input_ids() -> torch.Tensor:
     return torch.randint(0, tiny.VOCAB, (2, 12), generator=torch.Generator().manual_seed(1))
 
 
+@pytest.fixture(scope="module")
+def isolated_hf_home(tmp_path_factory):
+    """HF_HOME, token and client settings of one test module point into a temp folder, never ~/.cache/huggingface."""
+    from hub_server import isolated_hub_client
+
+    with isolated_hub_client(tmp_path_factory.mktemp("hf_home")) as home:
+        yield home
+
+
 @pytest.fixture(scope="session")
 def prefect_api(tmp_path_factory):
     """One real Prefect server for the whole session (`prefect server start`), used by in-process flows and by
@@ -88,3 +98,8 @@ def _drain_prefect_workers() -> None:
 
     APILogWorker.drain_all()
     EventsWorker.drain_all()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    # Session fixtures (servers) are torn down by now; the Prefect home and the builtin-model cache go with them.
+    shutil.rmtree(_SESSION_DIR, ignore_errors=True)

@@ -34,18 +34,14 @@ from adapterflow.hub import (  # noqa: E402
     is_transient_hub_error,
     push_adapter_folder,
 )
-from hub_server import HubServer, isolated_hub_client  # noqa: E402
+from hub_server import HubServer  # noqa: E402
 from tiny import logits, randomize_adapters  # noqa: E402
 
 TOKEN = "hf_adapterflow_secret_0123456789"
 WRONG = "hf_wrong_secret_9876543210"
 TRAINING = {"steps": 8, "final_loss": 1.25, "eval_loss_before": 2.5, "eval_loss_after": 1.5, "losses": [2.0, 1.25]}
 
-
-@pytest.fixture(scope="module", autouse=True)
-def hf_env(tmp_path_factory):
-    with isolated_hub_client(tmp_path_factory.mktemp("hf_home")) as home:
-        yield home
+pytestmark = pytest.mark.usefixtures("isolated_hf_home")
 
 
 @pytest.fixture(scope="module")

@@ -26,17 +26,13 @@ from huggingface_hub.errors import (  # noqa: E402
 from huggingface_hub.utils import _http, set_client_factory  # noqa: E402
 from huggingface_hub.utils.sha import git_hash  # noqa: E402
 
-from hub_server import HubServer, isolated_hub_client  # noqa: E402
+from hub_server import HubServer  # noqa: E402
 
 TOKEN = "hf_test_token_0123456789"
 README = "---\nlicense: apache-2.0\nlibrary_name: peft\ntags:\n- lora\n---\n\n# Tiny LoRA adapter\n"
 CONFIG = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}
 
-
-@pytest.fixture(scope="module", autouse=True)
-def hf_env(tmp_path_factory):
-    with isolated_hub_client(tmp_path_factory.mktemp("hf_home")) as home:
-        yield home
+pytestmark = pytest.mark.usefixtures("isolated_hf_home")
 
 
 @pytest.fixture(scope="module")
