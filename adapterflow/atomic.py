@@ -15,6 +15,7 @@ import ctypes
 import errno
 import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
@@ -133,10 +134,10 @@ def _carry_over(old_root: Path, new_root: Path, rel: Path, keep: Callable[[Path]
 def fsync_tree(root: Path) -> None:
     """fsync every file and folder under root, so a rename that publishes it cannot expose lost data."""
     for dirpath, _, filenames in os.walk(root):
+        files = [(os.lstat(path), path) for path in (os.path.join(dirpath, name) for name in filenames)]
         # Largest first: its journal commit also carries the small files, whose own fsyncs then find little to do.
-        paths = [os.path.join(dirpath, name) for name in filenames]
-        for path in sorted(paths, key=lambda p: -os.lstat(p).st_size):
-            if not os.path.islink(path):
+        for info, path in sorted(files, key=lambda file: -file[0].st_size):
+            if not stat.S_ISLNK(info.st_mode):
                 _fsync_path(path)
         fsync_dir(dirpath)
 

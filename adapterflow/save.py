@@ -145,7 +145,6 @@ def resolve_conversion_path(convert_pissa_to_lora, path_initial_model_for_weight
     return convert_pissa_to_lora
 
 
-
 def warn_randomized_pissa(init_lora_weights: str) -> None:
     warnings.warn(
         f"Saving a PiSSA adapter initialised with {init_lora_weights!r} without conversion: loading it runs the "

@@ -2,7 +2,8 @@
 
 The safetensors writer streams each tensor's memory straight to the file descriptor with `writev` (no copy of the
 tensors, no temporary buffer) and starts the disk writeback while it goes, so the fsync of a durable save waits
-little; reading uses the safetensors library. `.bin` files are read with `torch.load(weights_only=True)` only, so a checkpoint cannot run code.
+little; reading uses the safetensors library. `.bin` files are read with `torch.load(weights_only=True)` only, so
+a checkpoint cannot run code.
 """
 
 from __future__ import annotations

@@ -66,8 +66,10 @@ def get_adapter_state_dict(
         for key, tensor in adapter_model_tensors(model, adapter_name).items()
     }
     state.update({name: param.detach() for name, param in bias_parameters(model, config.bias).items()})
-    if _resolve_save_embedding_layers(model, config, save_embedding_layers):
-        state.update(_embedding_tensors(model, config))
+    if save_embedding_layers is not False:
+        embeddings_targeted = embedding_is_targeted(config.target_modules, _bare_model(model))
+        if _resolve_save_embedding_layers(model, config, save_embedding_layers, embeddings_targeted):
+            state.update(_embedding_tensors(model, embeddings_targeted))
     return state
 
 
@@ -90,12 +92,14 @@ def bias_parameters(model: nn.Module, bias: str) -> dict[str, torch.Tensor]:
     }
 
 
-def _resolve_save_embedding_layers(model: nn.Module, config: LoraConfig, flag: SaveEmbeddingLayers) -> bool:
+def _resolve_save_embedding_layers(
+    model: nn.Module, config: LoraConfig, flag: SaveEmbeddingLayers, embeddings_targeted: bool
+) -> bool:
     if isinstance(flag, bool):
         return flag
     if flag != "auto":
         raise ValueError(f"save_embedding_layers must be True, False or 'auto', got {flag!r}.")
-    if embedding_is_targeted(config.target_modules, _bare_model(model)):
+    if embeddings_targeted:
         warnings.warn("Setting `save_embedding_layers` to `True` as embedding layers found in `target_modules`.")
         return True
     base_vocab = _base_vocab_size(config.base_model_name_or_path)
@@ -133,7 +137,7 @@ def _vocab_size(model: nn.Module) -> int | None:
     return getattr(embeddings, "num_embeddings", None)
 
 
-def _embedding_tensors(model: nn.Module, config: LoraConfig) -> dict[str, torch.Tensor]:
+def _embedding_tensors(model: nn.Module, targeted: bool) -> dict[str, torch.Tensor]:
     """The input/output embedding weights under their model names (`...embed_tokens.base_layer.weight` when
     the embedding is LoRA-wrapped), as PEFT saves them."""
     base = _bare_model(model)
@@ -141,7 +145,6 @@ def _embedding_tensors(model: nn.Module, config: LoraConfig) -> dict[str, torch.
         warnings.warn("Could not identify embedding layer(s) because the model is not a transformers model.")
         return {}
     names = {id(module): name for name, module in model.named_modules()}
-    targeted = embedding_is_targeted(config.target_modules, base)
     state = {}
     for layer in (base.get_input_embeddings(), base.get_output_embeddings()):
         if isinstance(layer, LoraLayer):

@@ -170,6 +170,7 @@ def fsynced_save_file(state: dict, path: Path) -> None:
 
 
 _WRITEBACK_CHUNK = 1 << 20
+_SYNC_FILE_RANGE_WRITE = 2  # from <linux/fs.h>
 
 
 def durable_bytes(blob: memoryview, path: Path) -> None:
@@ -182,7 +183,7 @@ def durable_bytes(blob: memoryview, path: Path) -> None:
         for offset in range(0, len(blob), _WRITEBACK_CHUNK):
             chunk = blob[offset : offset + _WRITEBACK_CHUNK]
             os.write(fd, chunk)
-            _LIBC.sync_file_range(fd, ctypes.c_int64(offset), ctypes.c_int64(len(chunk)), 2)
+            _LIBC.sync_file_range(fd, ctypes.c_int64(offset), ctypes.c_int64(len(chunk)), _SYNC_FILE_RANGE_WRITE)
         os.fsync(fd)
     finally:
         os.close(fd)
