@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from adapterflow import formats
 from adapterflow.atomic import write_file_atomic
 from adapterflow.base_models import load_base_model
 from adapterflow.config import LoraConfig
@@ -85,7 +86,7 @@ def build_adapter_model(base_path: str | os.PathLike, dtype: torch.dtype, config
     """The model at the start of training: restored from <run>/initial if a previous attempt saved it (PiSSA's
     randomized SVD would not give the same residual twice), else freshly initialised (and, for PiSSA, saved)."""
     base = load_base_model(base_path, dtype=dtype)
-    if (run.initial / "adapter_config.json").is_file():
+    if (run.initial / formats.CONFIG_NAME).is_file():
         return AdapterModel.from_initial_adapter(base, run.initial, adapter_name)
     torch.manual_seed(seed)
     model = get_adapter_model(base, config, adapter_name)

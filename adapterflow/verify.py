@@ -9,8 +9,9 @@ import torch
 from torch import nn
 
 from adapterflow import formats
-from adapterflow.layers import AdapterLayer, LoraLayer
+from adapterflow.layers import LoraLayer
 from adapterflow.model import AdapterModel
+from adapterflow.state_dict import adapter_layers
 
 
 class VerificationError(ValueError):
@@ -52,8 +53,8 @@ def verify_adapter(base_model: nn.Module, adapter_dir: str | os.PathLike, probe:
         adapterflow.state_dict.AdapterLoadError: the files do not fit the base model.
     """
     model = AdapterModel.from_pretrained(base_model, adapter_dir, adapter_name=adapter_name)
-    layers = [(path, layer) for path, layer in model.named_modules() if isinstance(layer, LoraLayer)]
-    zero_b = [path.removeprefix("base_model.model.") for path, layer in layers if not layer.lora_b(adapter_name).any()]
+    layers = [(path, layer) for path, layer in adapter_layers(model) if isinstance(layer, LoraLayer)]
+    zero_b = [path.removeprefix(formats.PEFT_KEY_PREFIX) for path, layer in layers if not layer.lora_b(adapter_name).any()]
     logits = model(**probe).logits.float()
     diff = (logits - expected_logits.float()).abs().max().item()
     report = VerificationReport(str(adapter_dir), sum(len(l.adapter_tensors(adapter_name)) for _, l in layers),
@@ -77,8 +78,7 @@ def check_extracted_state(model: nn.Module, adapter_name: str, state: dict[str, 
     """
     problems = [f"{k}: empty tensor {tuple(t.shape)}" for k, t in state.items() if t.numel() == 0]
     problems += [f"{k}: contains NaN or Inf" for k, t in state.items() if t.numel() and not torch.isfinite(t).all()]
-    modules = {path for path, layer in model.named_modules() if isinstance(layer, AdapterLayer)
-               and adapter_name in layer.adapter_names}
+    modules = {path for path, layer in adapter_layers(model) if adapter_name in layer.adapter_names}
     saved_modules = {formats.module_of_key(key) for key in state}
     problems += [f"{m}: targeted but has no tensors in the state dict" for m in sorted(modules - saved_modules)]
     if problems:
