@@ -56,10 +56,6 @@ class AdapterSettings(_Section):
     layers_to_transform: Optional[list[int]] = None
     layers_pattern: Optional[str] = None
 
-    @property
-    def is_pissa(self) -> bool:
-        return self.init.startswith("pissa")
-
     def lora_config(self, base_model_name_or_path: str) -> LoraConfig:
         return LoraConfig(
             r=self.r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout, target_modules=self.target_modules,

@@ -8,6 +8,6 @@ extra="${1:-}"
 python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 if ! command -v nvidia-smi >/dev/null 2>&1; then
-  .venv/bin/python -m pip install -q "torch==2.13.0"
+  .venv/bin/python -m pip install -q -c constraints.txt torch  # the pin lives in constraints.txt only
 fi
 .venv/bin/python -m pip install -q -c constraints.txt -e ".${extra:+[$extra]}"

@@ -15,6 +15,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from adapterflow import ConfigError, TargetError, formats
 from adapterflow.base_models import load_tokenizer, resolve_base_model
 from adapterflow.data import DatasetError, dataset_sha256, load_examples, split_examples, tokenize
+from adapterflow.init_methods import is_pissa, is_randomized_pissa
 from adapterflow.run_dir import RunDir, read_json, write_json
 from adapterflow.targeting import plan_targets
 from flows.parameters import SaveAdapterParameters, project_path
@@ -53,7 +54,7 @@ def prepare_run(params: SaveAdapterParameters, run_name: str) -> RunPlan:
                             f"{params.training.max_seq_len}; raise training.max_seq_len.")
     output_dir = project_path(params.save.output_dir) if params.save.output_dir else run.root / "adapter"
     problems += _output_problems(output_dir)
-    if params.adapter.init.startswith("pissa_niter_") and not params.save.convert_pissa_to_lora:
+    if is_randomized_pissa(params.adapter.init) and not params.save.convert_pissa_to_lora:
         problems.append(f"adapter.init={params.adapter.init} without save.convert_pissa_to_lora: reloading re-runs a "
                         f"randomized SVD and gives another model, so verification would fail. Set "
                         f"save.convert_pissa_to_lora=true, or use init 'pissa' (exact SVD).")
@@ -71,7 +72,7 @@ def prepare_run(params: SaveAdapterParameters, run_name: str) -> RunPlan:
         eval_fraction=params.dataset.eval_fraction, max_seq_len=params.training.max_seq_len,
         lora_config=config.to_dict(), training=_training_settings(params, n_train), output_dir=str(output_dir),
         safe_serialization=params.save.safe_serialization, save_embedding_layers=params.save.save_embedding_layers,
-        convert_pissa_to_lora=params.adapter.is_pissa and params.save.convert_pissa_to_lora,
+        convert_pissa_to_lora=is_pissa(params.adapter.init) and params.save.convert_pissa_to_lora,
         atol=params.verify.atol or (1e-4 if params.base_model.dtype == "float32" else 5e-2),
         parameters=params.model_dump(mode="json"),
     )
