@@ -18,19 +18,24 @@ for _name, _value in {"DO_NOT_TRACK": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "MLF
 
 
 def parse_parameters(config_file: str | None, overrides: list[str]):
-    """Defaults < YAML file < --set overrides, validated by the flow's pydantic model."""
+    """Defaults < YAML file < --set overrides, validated by the flow's pydantic model.
+
+    Relative paths inside the YAML file resolve against the file's folder; relative paths given with --set
+    against the current directory (see `resolve_paths`)."""
     import yaml
     from pydantic import ValidationError
 
-    from flows.parameters import SaveAdapterParameters, apply_overrides
+    from adapterflow.flows.parameters import SaveAdapterParameters, apply_overrides, merge, resolve_paths
 
     data = {}
     if config_file:
         data = yaml.safe_load(Path(config_file).read_text()) or {}
         if not isinstance(data, dict):
             raise SystemExit(f"{config_file}: expected a mapping of parameter sections, got {type(data).__name__}")
+        resolve_paths(data, Path(config_file).expanduser().absolute().parent)
     try:
-        return SaveAdapterParameters.model_validate(apply_overrides(data, overrides))
+        given = resolve_paths(apply_overrides({}, overrides), Path.cwd())
+        return SaveAdapterParameters.model_validate(merge(data, given))
     except (ValidationError, ValueError) as exc:
         raise SystemExit(f"Invalid parameters:\n{exc}") from None
 
@@ -45,8 +50,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     parameters = parse_parameters(args.config, args.overrides)
 
-    from flows.save_adapter import save_adapter
-    from tasks.prefect_links import flow_run_url
+    from adapterflow.flows.save_adapter import save_adapter
+    from adapterflow.tasks.prefect_links import flow_run_url
 
     state = save_adapter(config=parameters, return_state=True)
     if not state.is_completed():

@@ -11,17 +11,43 @@ from typing import Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from adapterflow import LoraConfig
-from tasks.mlflow_logging import MlflowSettings
 
-PROJECT_ROOT = Path(os.environ.get("ADAPTERFLOW_PROJECT_ROOT", Path(__file__).resolve().parents[1]))
 INIT_PATTERN = r"^(lora|gaussian|random|pissa|pissa_niter_[0-9]+)$"
 _INIT_TO_LORA = {"lora": True, "gaussian": "gaussian", "random": False}
 
 
-def project_path(path: str | os.PathLike) -> Path:
-    """Relative paths mean "relative to the project root", wherever the flow runs (a worker's cwd differs)."""
-    path = Path(path).expanduser()
-    return path if path.is_absolute() else PROJECT_ROOT / path
+BUILTIN_PREFIX = "builtin:"
+
+
+def local_path(path: str | os.PathLike) -> Path:
+    """A path parameter as an absolute path: relative paths resolve against the current directory (the user's
+    folder for `adapterflow run`, the deployment's working directory for a deployment run)."""
+    return Path(path).expanduser().absolute()
+
+
+def is_local_reference(value: str, base: Path) -> bool:
+    """Whether a base-model (or dataset) reference names a local path rather than a Hub id or a builtin: it
+    exists relative to `base`, or it is spelt as a path (absolute, `~`, `./`, `../`)."""
+    if value.startswith(BUILTIN_PREFIX):
+        return False
+    return value.startswith(("/", "~", "./", "../")) or value in (".", "..") or (base / value).exists()
+
+
+def resolve_paths(data: dict, base: Path) -> dict:
+    """Make the path parameters of a parameter dict absolute against `base` (a --config file's folder, or the
+    current directory for --set). Hub ids and builtin: names are left as they are. Returns `data`, changed."""
+    def fix(section: str, key: str, always: bool) -> None:
+        node = data.get(section) if section else data
+        value = node.get(key) if isinstance(node, dict) else None
+        if isinstance(value, str) and value and not value.startswith(BUILTIN_PREFIX) and (
+                always or is_local_reference(value, base)):
+            node[key] = str((base / Path(value).expanduser()).absolute())
+
+    fix("", "runs_root", always=True)
+    fix("save", "output_dir", always=True)
+    fix("dataset", "path", always=True)
+    fix("base_model", "name_or_path", always=False)
+    return data
 
 
 class _Section(BaseModel):
@@ -116,12 +142,28 @@ class HubSettings(_Section):
     timeout_seconds: float = Field(120, gt=0, description="timeout of one Hub request")
 
 
+class MlflowSettings(_Section):
+    """Where and how a run is recorded in MLflow."""
+
+    enabled: bool = Field(True, description="record the run in MLflow; false skips the step")
+    tracking_uri: Optional[str] = Field(
+        None, description="tracking server (http://host:port) or store URI; default: $MLFLOW_TRACKING_URI, else "
+                          "sqlite:///<runs_root>/mlflow.db with artifacts in <runs_root>/mlartifacts")
+    experiment: str = Field("adapterflow", min_length=1, description="MLflow experiment name")
+    registered_model_name: Optional[str] = Field(
+        None, description="registered model to add a version to; default: <adapter name>-<base model name>, e.g. default-tiny-llama")
+    alias: Optional[str] = Field(None, description='alias to point at the new version, e.g. "candidate"')
+    request_timeout_seconds: float = Field(10, gt=0, description="timeout of one HTTP request (whole seconds)")
+    max_retries: int = Field(2, ge=0, description="MLflow's own retries of a failed HTTP request")
+
+
 class SaveAdapterParameters(_Section):
     run_name: Optional[str] = Field(
         None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
         description="names the run directory; a rerun with the same name resumes it (default: the flow run's id)")
     runs_root: str = Field(default_factory=lambda: os.environ.get("ADAPTERFLOW_RUNS_ROOT", "runs"),
-                           description="where run directories go (relative: to the project root)")
+                           description="where run directories go; default ./runs in the current directory, or "
+                                       "$ADAPTERFLOW_RUNS_ROOT (relative paths: against the current directory)")
     base_model: BaseModelSettings = Field(default_factory=BaseModelSettings)
     dataset: DatasetSettings = Field(default_factory=DatasetSettings)
     adapter: AdapterSettings = Field(default_factory=AdapterSettings)
@@ -130,6 +172,16 @@ class SaveAdapterParameters(_Section):
     verify: VerifySettings = Field(default_factory=VerifySettings)
     mlflow: MlflowSettings = Field(default_factory=MlflowSettings)
     hub: HubSettings = Field(default_factory=HubSettings)
+
+
+def merge(base: dict, updates: dict) -> dict:
+    """`updates` merged into `base` section by section (nested dicts merge, other values replace); `base` changes."""
+    for key, value in updates.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            merge(base[key], value)
+        else:
+            base[key] = value
+    return base
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:

@@ -1,6 +1,6 @@
 """The `save-adapter` flow: train -> extract -> convert -> save -> verify -> MLflow -> Hub, each a retryable Prefect task.
 
-Run it with `adapterflow run` (or `python -m flows.save_adapter`), or as a deployment:
+Run it with `adapterflow run` (or `python -m adapterflow.flows.save_adapter`), or as a deployment:
 `prefect deployment run 'save-adapter/local'`.
 """
 
@@ -10,15 +10,15 @@ from prefect import flow
 from prefect.client.schemas.objects import State
 from prefect.runtime import flow_run
 
-from flows.parameters import SaveAdapterParameters
-from tasks.convert_pissa_to_lora import convert_pissa_to_lora_task
-from tasks.extract_adapter import extract_adapter
-from tasks.log_to_mlflow import log_to_mlflow
-from tasks.prepare_run import prepare_run
-from tasks.push_to_hub import push_to_hub
-from tasks.save_adapter import save_adapter as save_adapter_files
-from tasks.train_adapter import train_adapter
-from tasks.verify_adapter import verify_adapter_task
+from adapterflow.flows.parameters import SaveAdapterParameters
+from adapterflow.tasks.convert_pissa_to_lora import convert_pissa_to_lora_task
+from adapterflow.tasks.extract_adapter import extract_adapter
+from adapterflow.tasks.log_to_mlflow import log_to_mlflow
+from adapterflow.tasks.prepare_run import prepare_run
+from adapterflow.tasks.push_to_hub import push_to_hub
+from adapterflow.tasks.save_adapter import save_adapter as save_adapter_files
+from adapterflow.tasks.train_adapter import train_adapter
+from adapterflow.tasks.verify_adapter import verify_adapter_task
 
 
 @flow(name="save-adapter", log_prints=True)
@@ -56,6 +56,6 @@ def _result(value):
 
 
 if __name__ == "__main__":
-    from flows.cli import main
+    from adapterflow.flows.cli import main
 
     main(["run", *__import__("sys").argv[1:]])

@@ -22,7 +22,6 @@ SERVICES=(worker mlflow prefect-server)  # stop order
 export PREFECT_HOME=$STACK_DIR/prefect-home
 export PREFECT_API_URL=http://127.0.0.1:$PREFECT_PORT/api
 export MLFLOW_TRACKING_URI=http://127.0.0.1:$MLFLOW_PORT
-export ADAPTERFLOW_PROJECT_ROOT=$ROOT
 export DO_NOT_TRACK=1 PREFECT_SERVER_ANALYTICS_ENABLED=false MLFLOW_DISABLE_TELEMETRY=true HF_HUB_DISABLE_TELEMETRY=1
 
 running() { [[ -f $STACK_DIR/$1.pid ]] && kill -0 "$(cat "$STACK_DIR/$1.pid")" 2>/dev/null; }

@@ -11,8 +11,8 @@ from prefect.states import Completed
 
 from adapterflow import convert_pissa_to_lora, read_adapter, write_adapters
 from adapterflow.init_methods import is_pissa
-from tasks.policy import RESULT_OPTIONS, RETRY_OPTIONS
-from tasks.run_plan import RunPlan
+from adapterflow.tasks.policy import RESULT_OPTIONS, RETRY_OPTIONS
+from adapterflow.tasks.run_plan import RunPlan
 
 
 @task(name="convert-pissa-to-lora", **RETRY_OPTIONS, **RESULT_OPTIONS)

@@ -7,8 +7,8 @@ from prefect import task
 from adapterflow import get_adapter_state_dict, write_adapters
 from adapterflow.run_dir import load_trained_model
 from adapterflow.verify import check_extracted_state
-from tasks.policy import RESULT_OPTIONS, RETRY_OPTIONS
-from tasks.run_plan import RunPlan
+from adapterflow.tasks.policy import RESULT_OPTIONS, RETRY_OPTIONS
+from adapterflow.tasks.run_plan import RunPlan
 
 
 @task(name="extract-adapter", **RETRY_OPTIONS, **RESULT_OPTIONS)

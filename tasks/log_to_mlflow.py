@@ -7,11 +7,11 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.states import Completed
 
 from adapterflow.run_dir import read_json
-from flows.parameters import project_path
-from tasks.mlflow_logging import MlflowSettings, is_transient_mlflow_error, log_adapter_run
-from tasks.policy import RESULT_OPTIONS, is_transient, retry_options
-from tasks.prefect_links import flow_run_url
-from tasks.run_plan import RunPlan
+from adapterflow.flows.parameters import MlflowSettings, local_path
+from adapterflow.tasks.mlflow_logging import is_transient_mlflow_error, log_adapter_run
+from adapterflow.tasks.policy import RESULT_OPTIONS, is_transient, retry_options
+from adapterflow.tasks.prefect_links import flow_run_url
+from adapterflow.tasks.run_plan import RunPlan
 
 
 def _transient(exc: BaseException) -> bool:
@@ -28,7 +28,7 @@ def log_to_mlflow(plan: RunPlan, settings: MlflowSettings, saved: dict, verifica
     """
     if not settings.enabled:
         return Completed(name="Skipped", message="Skipped: MLflow logging is off (mlflow.enabled=false)", data={})
-    runs_root = project_path(plan.parameters["runs_root"])
+    runs_root = local_path(plan.parameters["runs_root"])
     result = log_adapter_run(
         settings, runs_root=runs_root, run_dir=plan.run_dir, adapter_dir=saved["adapter_dir"],
         flow_run_id=flow_run_id, flow_run_url=flow_run_url(flow_run_id),

@@ -1,6 +1,6 @@
 """The adapter as an MLflow pyfunc model ("models from code"): base model + adapter -> generated text.
 
-`tasks.mlflow_logging` logs this file with `mlflow.pyfunc.log_model(python_model=<this file>, ...)`; MLflow
+`adapterflow.tasks.mlflow_logging` logs this file with `mlflow.pyfunc.log_model(python_model=<this file>, ...)`; MLflow
 stores it next to the model and runs it when the model is loaded. The model's files are the adapter folder (the
 `adapter` artifact) and a copy of the `adapterflow` package (`code_paths`), so loading needs torch, transformers
 and safetensors only: no peft, no Prefect, nothing of this project's `tasks` package. The base model is not

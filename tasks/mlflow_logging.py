@@ -28,34 +28,19 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 from urllib.parse import quote, urlparse
 
-from pydantic import BaseModel, ConfigDict, Field
+import adapterflow
+from adapterflow.flows.parameters import MlflowSettings
 
 FLOW_RUN_TAG = "prefect.flow_run_id"
 HUB_COMMIT_TAG = "hub.commit_url"
 MODEL_CODE = Path(__file__).with_name("mlflow_adapter_model.py")
-PACKAGE_DIR = Path(__file__).resolve().parents[1] / "adapterflow"
+PACKAGE_DIR = Path(adapterflow.__file__).parent  # the model's copy leaves out the pipeline and builtin data
+PACKAGE_IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc", "flows", "tasks", "*.jsonl")
 MAX_PARAM_CHARS = 500  # MLflow truncates past 6000 chars, then refuses the full value again on a retry
 SECRET_KEY = re.compile(r"token|secret|password|passwd|api[_-]?key|credential", re.IGNORECASE)
 SECRET_ENV_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|KEY", re.IGNORECASE)
 MIN_SECRET_LENGTH = 8  # shorter values of such variables ("false", "1") are settings, not secrets
 TRANSIENT_CODES = {"TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED", "DEADLINE_EXCEEDED", "ABORTED"}
-
-
-class MlflowSettings(BaseModel):
-    """Where and how a run is recorded in MLflow."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    enabled: bool = Field(True, description="record the run in MLflow; false skips the step")
-    tracking_uri: Optional[str] = Field(
-        None, description="tracking server (http://host:port) or store URI; default: $MLFLOW_TRACKING_URI, else "
-                          "sqlite:///<runs_root>/mlflow.db with artifacts in <runs_root>/mlartifacts")
-    experiment: str = Field("adapterflow", min_length=1, description="MLflow experiment name")
-    registered_model_name: Optional[str] = Field(
-        None, description="registered model to add a version to; default: <adapter name>-<base model name>, e.g. default-tiny-llama")
-    alias: Optional[str] = Field(None, description='alias to point at the new version, e.g. "candidate"')
-    request_timeout_seconds: float = Field(10, gt=0, description="timeout of one HTTP request (whole seconds)")
-    max_retries: int = Field(2, ge=0, description="MLflow's own retries of a failed HTTP request")
 
 
 class MlflowUnavailableError(ConnectionError):
@@ -240,7 +225,7 @@ def _logged_model(client, run, flow_run_id, name, adapter_dir, plan, params, tag
         # The signature is explicit; an input example would make MLflow load the base model to validate it.
         warnings.filterwarnings("ignore", message=".*input example was not provided", category=UserWarning)
         package = shutil.copytree(PACKAGE_DIR, Path(tmp) / "adapterflow",  # the model's copy of our loader
-                                  ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+                                  ignore=PACKAGE_IGNORE)
         mlflow.pyfunc.log_model(  # uploads the files into the existing model and marks it READY
             name=name, model_id=model.model_id, python_model=str(MODEL_CODE), artifacts={"adapter": str(adapter_dir)},
             code_paths=[str(package)], pip_requirements=_pip_requirements(), signature=_signature(),

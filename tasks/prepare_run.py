@@ -18,9 +18,9 @@ from adapterflow.data import DatasetError, dataset_sha256, load_examples, split_
 from adapterflow.init_methods import is_pissa, is_randomized_pissa
 from adapterflow.run_dir import RunDir, read_json, write_json
 from adapterflow.targeting import plan_targets
-from flows.parameters import SaveAdapterParameters, project_path
-from tasks.policy import RESULT_OPTIONS, RETRY_OPTIONS
-from tasks.run_plan import RunPlan
+from adapterflow.flows.parameters import SaveAdapterParameters, is_local_reference, local_path
+from adapterflow.tasks.policy import RESULT_OPTIONS, RETRY_OPTIONS
+from adapterflow.tasks.run_plan import RunPlan
 
 
 class ParameterError(ValueError):
@@ -31,13 +31,14 @@ class ParameterError(ValueError):
 def prepare_run(params: SaveAdapterParameters, run_name: str) -> RunPlan:
     """Resolve the base model and dataset, check the adapter against the model and the output folder, and write
     <run>/plan.json. Raises ParameterError listing everything that is wrong."""
-    run = RunDir(project_path(params.runs_root) / run_name)
+    runs_root = local_path(params.runs_root)
+    run = RunDir(runs_root / run_name)
     problems: list[str] = []
     base_name = params.base_model.name_or_path
-    if not base_name.startswith("builtin:") and project_path(base_name).exists():
-        base_name = str(project_path(base_name))  # relative folders mean "in the project", as everywhere else
+    if is_local_reference(base_name, Path.cwd()):
+        base_name = str(local_path(base_name))  # a relative folder is in the current directory
     base_path = _check(problems, lambda: resolve_base_model(base_name))
-    dataset = project_path(params.dataset.path) if not params.dataset.path.startswith("builtin:") else params.dataset.path
+    dataset = local_path(params.dataset.path) if not params.dataset.path.startswith("builtin:") else params.dataset.path
     examples = _check(problems, lambda: load_examples(dataset))
     # Adapters name their base as others can find it: a Hub id stays a Hub id, a local base is its folder.
     is_hub_id = base_path is not None and not base_name.startswith("builtin:") and not Path(base_name).exists()
@@ -52,7 +53,7 @@ def prepare_run(params: SaveAdapterParameters, run_name: str) -> RunPlan:
         if n_train == 0:
             problems.append(f"dataset {dataset}: no example keeps a completion token within max_seq_len="
                             f"{params.training.max_seq_len}; raise training.max_seq_len.")
-    output_dir = project_path(params.save.output_dir) if params.save.output_dir else run.root / "adapter"
+    output_dir = local_path(params.save.output_dir) if params.save.output_dir else run.root / "adapter"
     problems += _output_problems(output_dir)
     if is_randomized_pissa(params.adapter.init) and not params.save.convert_pissa_to_lora:
         problems.append(f"adapter.init={params.adapter.init} without save.convert_pissa_to_lora: reloading re-runs a "
@@ -65,7 +66,7 @@ def prepare_run(params: SaveAdapterParameters, run_name: str) -> RunPlan:
     if problems:
         raise ParameterError("Invalid save-adapter parameters:\n" + "\n".join(f"  - {p}" for p in problems))
     if params.save.output_dir:
-        output_dir = claim_output_dir(output_dir, run, project_path(params.runs_root) / "claims", params.save.if_exists)
+        output_dir = claim_output_dir(output_dir, run, runs_root / "claims", params.save.if_exists)
     plan = RunPlan(
         run_dir=str(run.root), adapter_name=params.adapter.name, base_model_path=str(base_path),
         dtype=params.base_model.dtype, dataset_path=str(dataset), dataset_sha256=dataset_sha256(dataset),

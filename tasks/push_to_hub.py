@@ -15,10 +15,10 @@ from prefect.states import Completed
 from adapterflow import formats
 from adapterflow.hub import build_model_card, push_adapter_folder
 from adapterflow.run_dir import read_json
-from flows.parameters import HubSettings
-from tasks.mlflow_logging import MlflowSettings, set_hub_commit_tag
-from tasks.policy import RESULT_OPTIONS, RETRY_OPTIONS
-from tasks.run_plan import RunPlan
+from adapterflow.flows.parameters import HubSettings, MlflowSettings
+from adapterflow.tasks.mlflow_logging import set_hub_commit_tag
+from adapterflow.tasks.policy import RESULT_OPTIONS, RETRY_OPTIONS
+from adapterflow.tasks.run_plan import RunPlan
 
 
 @task(name="push-to-hub", **RETRY_OPTIONS, **RESULT_OPTIONS)

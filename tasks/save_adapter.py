@@ -8,8 +8,8 @@ from prefect import task
 from prefect.artifacts import create_table_artifact
 
 from adapterflow import formats, read_adapter, write_adapters
-from tasks.policy import RESULT_OPTIONS, RETRY_OPTIONS
-from tasks.run_plan import RunPlan
+from adapterflow.tasks.policy import RESULT_OPTIONS, RETRY_OPTIONS
+from adapterflow.tasks.run_plan import RunPlan
 
 
 @task(name="save-adapter", **RETRY_OPTIONS, **RESULT_OPTIONS)

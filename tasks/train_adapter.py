@@ -10,8 +10,8 @@ from adapterflow.base_models import load_tokenizer
 from adapterflow.data import collate, load_examples, split_examples, tokenize
 from adapterflow.run_dir import build_adapter_model, write_json, write_probe
 from adapterflow.training import evaluate, train
-from tasks.policy import RESULT_OPTIONS, RETRY_OPTIONS
-from tasks.run_plan import RunPlan
+from adapterflow.tasks.policy import RESULT_OPTIONS, RETRY_OPTIONS
+from adapterflow.tasks.run_plan import RunPlan
 
 PROBE_SIZE = 4  # eval examples whose logits verification compares
 

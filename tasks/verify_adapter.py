@@ -8,8 +8,8 @@ from prefect.artifacts import create_markdown_artifact
 from adapterflow.base_models import load_base_model
 from adapterflow.run_dir import read_probe
 from adapterflow.verify import VerificationError, VerificationReport, verify_adapter
-from tasks.policy import RESULT_OPTIONS, RETRY_OPTIONS
-from tasks.run_plan import RunPlan
+from adapterflow.tasks.policy import RESULT_OPTIONS, RETRY_OPTIONS
+from adapterflow.tasks.run_plan import RunPlan
 
 
 @task(name="verify-adapter", **RETRY_OPTIONS, **RESULT_OPTIONS)

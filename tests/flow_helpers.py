@@ -8,9 +8,11 @@ import time
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-from flows.parameters import SaveAdapterParameters
-from flows.save_adapter import save_adapter
+from adapterflow.flows.parameters import SaveAdapterParameters
+from adapterflow.flows.save_adapter import save_adapter
 
+FLOW_TASKS = {"prepare-run", "train-adapter", "extract-adapter", "convert-pissa-to-lora", "save-adapter",
+              "verify-adapter", "log-to-mlflow", "push-to-hub"}
 TINY_TRAINING = {"steps": 8, "batch_size": 8, "max_seq_len": 32, "checkpoint_every": 4, "warmup_steps": 2}
 
 
@@ -33,13 +35,17 @@ def flow_run_id(state) -> str:
 
 def task_runs(state, timeout: float = 20) -> dict[str, object]:
     """The flow run's task runs by task name (e.g. "train-adapter"), once the server has recorded their final
-    states (task run states reach the server as events, shortly after the flow returns)."""
+    states (task run states reach the server as events, shortly after the flow returns; a completed flow ran every
+    task, so all of them must have arrived)."""
     deadline = time.monotonic() + timeout
+    expected = FLOW_TASKS if state.is_completed() else set()
     with get_client(sync_client=True) as client:
         while True:
             runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id(state)])))
-            if all(run.state and run.state.is_final() for run in runs) or time.monotonic() > deadline:
-                return {run.name.rsplit("-", 1)[0]: run for run in runs}
+            by_name = {run.name.rsplit("-", 1)[0]: run for run in runs}
+            if (set(by_name) >= expected and all(run.state and run.state.is_final() for run in runs)) \
+                    or time.monotonic() > deadline:
+                return by_name
             time.sleep(0.2)
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.cli import parse_parameters
+from adapterflow.flows.cli import parse_parameters
 
 ROOT = Path(__file__).parents[1]
 

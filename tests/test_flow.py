@@ -147,7 +147,7 @@ def test_an_output_folder_is_never_shared_between_runs(tmp_path):
 
 def test_epochs_set_the_number_of_steps(tmp_path):
     from flow_helpers import parameters
-    from tasks.prepare_run import _training_settings
+    from adapterflow.tasks.prepare_run import _training_settings
 
     params = parameters(tmp_path, training={"steps": None, "epochs": 1.5, "batch_size": 10,
                                             "gradient_accumulation_steps": 2})

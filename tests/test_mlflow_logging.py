@@ -25,8 +25,8 @@ import tiny
 from adapterflow import LoraConfig, get_adapter_model
 from adapterflow.base_models import load_base_model, resolve_base_model
 from servers import free_port
-from tasks import mlflow_logging
-from tasks.mlflow_logging import (MlflowSettings, MlflowUnavailableError, is_transient_mlflow_error,
+from adapterflow.tasks import mlflow_logging
+from adapterflow.tasks.mlflow_logging import (MlflowSettings, MlflowUnavailableError, is_transient_mlflow_error,
                                   log_adapter_run, redact, set_hub_commit_tag)
 
 STEPS = 40
