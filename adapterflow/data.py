@@ -59,7 +59,7 @@ def load_examples(path: str | Path) -> list[Example]:
     if not file.is_file():
         raise FileNotFoundError(f"Dataset {file} not found; pass a .jsonl or .txt file (or builtin:instructions).")
     if file.suffix == ".txt":
-        examples = [Example("", line.strip()) for line in file.read_text().splitlines() if line.strip()]
+        examples = [Example("", line.strip()) for _, line in _lines(file) if line.strip()]
     elif file.suffix == ".jsonl":
         examples = _read_jsonl(file)
     else:
@@ -69,9 +69,25 @@ def load_examples(path: str | Path) -> list[Example]:
     return examples
 
 
+def _lines(file: Path) -> list[tuple[int, str]]:
+    """(line number, text) for every line of a UTF-8 file, whatever the locale's encoding.
+
+    Raises:
+        DatasetError: the file is not UTF-8 (the line and column of the first bad byte named).
+    """
+    lines = []
+    for number, raw in enumerate(file.read_bytes().splitlines(), start=1):
+        try:
+            lines.append((number, raw.decode("utf-8-sig")))  # -sig: a leading BOM is not text
+        except UnicodeDecodeError as exc:
+            raise DatasetError(f"Dataset {file}, line {number}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at "
+                               f"column {exc.start + 1}); save the file as UTF-8.") from None
+    return lines
+
+
 def _read_jsonl(file: Path) -> list[Example]:
     examples, problems = [], []
-    for number, line in enumerate(file.read_text().splitlines(), start=1):
+    for number, line in _lines(file):
         if not line.strip():
             continue
         try:

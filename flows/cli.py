@@ -1,7 +1,9 @@
 """`adapterflow run [--config FILE.yaml] [--set key=value ...]`: run the save-adapter flow locally.
 
-Without PREFECT_API_URL, Prefect starts a temporary local API server for the run; with it, the run is recorded
-on that server. Parameters come from the embedded defaults, then the YAML file, then each --set.
+Parameters come from the embedded defaults, then the YAML file, then each --set; everything that can be checked
+without a Prefect server (parameters, names, config file, dataset, base model, targets, device, folders) is
+checked first, and a mistake ends the command with one message that names the parameter or file and the fix,
+exit status 2, nothing written. Without PREFECT_API_URL, a temporary local Prefect server records the run.
 """
 
 from __future__ import annotations
@@ -9,55 +11,124 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
 for _name, _value in {"DO_NOT_TRACK": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
                       "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "TRANSFORMERS_VERBOSITY": "error",
                       "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"}.items():
     os.environ.setdefault(_name, _value)  # before prefect is imported: its settings are read at import
 
+USER_ERROR_EXIT = 2
+FAILED_EXIT = 1
+DEBUG_ENV = "ADAPTERFLOW_DEBUG"
+
 
 def parse_parameters(config_file: str | None, overrides: list[str]):
-    """Defaults < YAML file < --set overrides, validated by the flow's pydantic model.
+    """The validated parameters (see `adapterflow.flows.loading.load_parameters`); a mistake exits with its message."""
+    from adapterflow.flows.loading import load_parameters
+    from adapterflow.flows.parameters import ParameterError
 
-    Relative paths inside the YAML file resolve against the file's folder; relative paths given with --set
-    against the current directory (see `resolve_paths`)."""
-    import yaml
-    from pydantic import ValidationError
-
-    from adapterflow.flows.parameters import SaveAdapterParameters, apply_overrides, merge, resolve_paths
-
-    data = {}
-    if config_file:
-        data = yaml.safe_load(Path(config_file).read_text()) or {}
-        if not isinstance(data, dict):
-            raise SystemExit(f"{config_file}: expected a mapping of parameter sections, got {type(data).__name__}")
-        resolve_paths(data, Path(config_file).expanduser().absolute().parent)
     try:
-        given = resolve_paths(apply_overrides({}, overrides), Path.cwd())
-        return SaveAdapterParameters.model_validate(merge(data, given))
-    except (ValidationError, ValueError) as exc:
-        raise SystemExit(f"Invalid parameters:\n{exc}") from None
+        return load_parameters(config_file, overrides)
+    except ParameterError as exc:
+        raise SystemExit(str(exc)) from None
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="adapterflow", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="run the save-adapter flow")
-    run.add_argument("--config", help="YAML file of flow parameters (sections: base_model, dataset, adapter, ...)")
+    run.add_argument("--config", help="YAML file of flow parameters (sections: base_model, dataset, adapter, ...); "
+                                      "relative paths in it resolve against its folder")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                     help="override one parameter, e.g. --set training.steps=50 (repeatable)")
+                     help="override one parameter, e.g. --set training.steps=50 (repeatable); relative paths "
+                          "resolve against the current directory")
+    run.add_argument("--debug", action="store_true", default=os.environ.get(DEBUG_ENV) == "1",
+                     help=f"show Python tracebacks (also: {DEBUG_ENV}=1)")
     args = parser.parse_args(argv)
-    parameters = parse_parameters(args.config, args.overrides)
+    try:
+        summary = run_command(args.config, args.overrides, debug=args.debug)
+    except KeyboardInterrupt:
+        print("adapterflow run: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+    except Exception as exc:  # noqa: BLE001 - the one place where errors become messages for the user
+        if args.debug:
+            raise
+        _report(exc)
+    _print_summary(summary)
 
+
+def run_command(config_file: str | None, overrides: list[str], debug: bool = False) -> dict:
+    """Check everything that needs no server, then run the flow; returns the flow's summary.
+
+    Raises:
+        ParameterError (and the other permanent errors of the checks): before anything is written.
+        Whatever the flow failed with, once it ran.
+    """
+    from adapterflow.flows.loading import load_parameters
+    from adapterflow.tasks.run_plan import check_run
+
+    parameters = load_parameters(config_file, overrides)
+    check_run(parameters)
     from adapterflow.flows.save_adapter import save_adapter
-    from adapterflow.tasks.prefect_links import flow_run_url
 
+    if not debug:
+        hide_console_tracebacks()
     state = save_adapter(config=parameters, return_state=True)
     if not state.is_completed():
-        print(f"save-adapter failed: {state.message}", file=sys.stderr)
-        raise SystemExit(1)
-    summary = state.result()
+        raise state.result(raise_on_failure=False) or RuntimeError(state.message)
+    return state.result()
+
+
+def hide_console_tracebacks() -> None:
+    """Prefect's console handlers print task and flow failures with their tracebacks; the user sees our message
+    instead (the Prefect API still receives the full record). `--debug` keeps them."""
+    import logging
+
+    from prefect.logging.configuration import PROCESS_LOGGING_CONFIG, setup_logging
+
+    if not PROCESS_LOGGING_CONFIG:
+        setup_logging()  # what the flow engine does on first use; later calls are incremental and keep formatters
+    for name in ("", "prefect", "prefect.flow_runs", "prefect.task_runs"):
+        for handler in logging.getLogger(name).handlers:
+            if isinstance(handler, logging.StreamHandler) and not isinstance(handler.formatter, _NoTraceback):
+                handler.setFormatter(_NoTraceback(handler.formatter or logging.Formatter()))
+
+
+class _NoTraceback:
+    """A formatter that formats a record as `inner` would, without its exception text."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+
+    def format(self, record) -> str:
+        saved = record.exc_info, record.exc_text
+        record.exc_info, record.exc_text = None, None
+        try:
+            return self.inner.format(record)
+        finally:
+            record.exc_info, record.exc_text = saved
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def _report(exc: BaseException) -> None:
+    """One block on stderr: what is wrong and what to do, then exit 2 for a mistake in what the user gave, 1 for
+    a run that failed otherwise."""
+    from adapterflow.tasks.policy import is_user_error
+
+    text = str(exc).strip() or type(exc).__name__
+    if is_user_error(exc):
+        print(f"adapterflow run: {text}", file=sys.stderr)
+        raise SystemExit(USER_ERROR_EXIT)
+    print(f"adapterflow run failed: {type(exc).__name__}: {text}\n"
+          f"(rerun with --debug, or {DEBUG_ENV}=1, for the Python traceback)", file=sys.stderr)
+    raise SystemExit(FAILED_EXIT)
+
+
+def _print_summary(summary: dict) -> None:
+    from adapterflow.tasks.prefect_links import flow_run_url
+
     print(f"adapter:         {summary['adapter_dir']}")
     print(f"run directory:   {summary['run_dir']}")
     print(f"eval loss:       {summary['eval_loss_before']:.4f} -> {summary['eval_loss_after']:.4f}")

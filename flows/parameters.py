@@ -4,7 +4,6 @@ runs against its JSON schema before they start."""
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Literal, Optional, Union
 
@@ -19,10 +18,17 @@ _INIT_TO_LORA = {"lora": True, "gaussian": "gaussian", "random": False}
 BUILTIN_PREFIX = "builtin:"
 
 
+class ParameterError(ValueError):
+    """Flow parameters that cannot work; the message lists every problem, each naming its parameter (or file) and
+    the fix. Permanent: a retry cannot fix it."""
+
+    transient = False
+
+
 def local_path(path: str | os.PathLike) -> Path:
     """A path parameter as an absolute path: relative paths resolve against the current directory (the user's
-    folder for `adapterflow run`, the deployment's working directory for a deployment run)."""
-    return Path(path).expanduser().absolute()
+    folder for `adapterflow run`, the deployment's working directory for a deployment run), `..` folded away."""
+    return Path(os.path.normpath(Path(path).expanduser().absolute()))
 
 
 def is_local_reference(value: str, base: Path) -> bool:
@@ -31,23 +37,6 @@ def is_local_reference(value: str, base: Path) -> bool:
     if value.startswith(BUILTIN_PREFIX):
         return False
     return value.startswith(("/", "~", "./", "../")) or value in (".", "..") or (base / value).exists()
-
-
-def resolve_paths(data: dict, base: Path) -> dict:
-    """Make the path parameters of a parameter dict absolute against `base` (a --config file's folder, or the
-    current directory for --set). Hub ids and builtin: names are left as they are. Returns `data`, changed."""
-    def fix(section: str, key: str, always: bool) -> None:
-        node = data.get(section) if section else data
-        value = node.get(key) if isinstance(node, dict) else None
-        if isinstance(value, str) and value and not value.startswith(BUILTIN_PREFIX) and (
-                always or is_local_reference(value, base)):
-            node[key] = str((base / Path(value).expanduser()).absolute())
-
-    fix("", "runs_root", always=True)
-    fix("save", "output_dir", always=True)
-    fix("dataset", "path", always=True)
-    fix("base_model", "name_or_path", always=False)
-    return data
 
 
 class _Section(BaseModel):
@@ -172,31 +161,3 @@ class SaveAdapterParameters(_Section):
     verify: VerifySettings = Field(default_factory=VerifySettings)
     mlflow: MlflowSettings = Field(default_factory=MlflowSettings)
     hub: HubSettings = Field(default_factory=HubSettings)
-
-
-def merge(base: dict, updates: dict) -> dict:
-    """`updates` merged into `base` section by section (nested dicts merge, other values replace); `base` changes."""
-    for key, value in updates.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            merge(base[key], value)
-        else:
-            base[key] = value
-    return base
-
-
-def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """Apply `key.sub=value` strings (values parsed as YAML) to a nested parameter dict."""
-    import yaml
-
-    for item in overrides:
-        if "=" not in item or not re.fullmatch(r"[A-Za-z0-9_.]+", item.split("=", 1)[0]):
-            raise ValueError(f"--set {item!r}: expected key.subkey=value, e.g. training.steps=50")
-        key, raw = item.split("=", 1)
-        node = data
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ValueError(f"--set {item!r}: {part!r} is not a section")
-        node[leaf] = yaml.safe_load(raw) if raw else None
-    return data

@@ -1,8 +1,9 @@
 """What all pipeline tasks share: which failures are worth a retry, and the task options that follow from it.
 
 Transient failures (I/O hiccups, timeouts, dropped connections, 5xx answers) are retried with exponential
-backoff; permanent ones (bad configuration, missing files, a failed verification) fail at once, so the cause is
-the first thing visible in Prefect.
+backoff; everything else fails at once, so the cause is the first thing visible in Prefect: user errors (bad
+parameters, datasets, models, names, missing or unwritable files), a failed verification, and errors of unknown
+kind (a bug is not fixed by running it again). An error that knows says so with a `transient` attribute.
 """
 
 from __future__ import annotations
@@ -16,11 +17,11 @@ from prefect.tasks import exponential_backoff
 # OSError numbers that a retry cannot fix.
 _PERMANENT_ERRNOS = {errno.ENOENT, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EISDIR,
                      errno.ENOTDIR, errno.EEXIST, errno.ENAMETOOLONG}
-_PERMANENT_TYPES = (ValueError, TypeError, LookupError, NotImplementedError, AttributeError)
 
 
 def is_transient(exc: BaseException) -> bool:
-    """True when retrying the same call may succeed."""
+    """True when retrying the same call may succeed: the error's own `transient` flag when it has one, else
+    connection errors, timeouts, I/O errors other than the permanent errnos above, and HTTP 5xx / 408 / 429."""
     declared = getattr(exc, "transient", None)  # errors that know (e.g. adapterflow.hub.HubPushError) say so
     if isinstance(declared, bool):
         return declared
@@ -33,7 +34,13 @@ def is_transient(exc: BaseException) -> bool:
     status = getattr(getattr(exc, "response", None), "status_code", None)
     if isinstance(status, int):
         return status >= 500 or status in (408, 429)
-    return not isinstance(exc, _PERMANENT_TYPES)
+    return False
+
+
+def is_user_error(exc: BaseException) -> bool:
+    """A permanent error in what the user gave or where it points (parameters, config file, dataset, base model,
+    names, folders, tokens), or a failed verification: its message is meant for the user as it is."""
+    return not is_transient(exc) and isinstance(exc, (ValueError, OSError))
 
 
 def retry_options(transient=is_transient) -> dict:

@@ -1,13 +1,24 @@
-"""RunPlan: the flow's parameters resolved into absolute paths and core settings, passed between tasks."""
+"""RunPlan: the flow's parameters checked against the real files and resolved into absolute paths and core
+settings, passed between tasks. Plain Python (no Prefect): `adapterflow run` runs the same checks before it starts
+any server, and the prepare-run task runs them again for deployment runs.
+"""
 
 from __future__ import annotations
 
-from typing import Literal, Union
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Optional, Union
 
 import torch
 from pydantic import BaseModel
 
-from adapterflow import LoraConfig
+from adapterflow import ConfigError, LoraConfig, TargetError
+from adapterflow.data import DatasetError, load_examples, split_examples, tokenize
+from adapterflow.flows.parameters import (BUILTIN_PREFIX, ParameterError, SaveAdapterParameters, is_local_reference,
+                                          local_path)
+from adapterflow.init_methods import is_randomized_pissa
 from adapterflow.run_dir import RunDir
 from adapterflow.training import TrainingSettings
 
@@ -34,8 +45,6 @@ class RunPlan(BaseModel):
 
     @property
     def run(self) -> RunDir:
-        from pathlib import Path
-
         return RunDir(Path(self.run_dir))
 
     @property
@@ -47,3 +56,138 @@ class RunPlan(BaseModel):
 
     def training_settings(self) -> TrainingSettings:
         return TrainingSettings(**self.training)
+
+
+@dataclass(frozen=True)
+class CheckedRun:
+    """What `check_run` resolved: enough to build the RunPlan without reading anything again."""
+
+    base_path: Path
+    dataset: Union[str, Path]
+    config: LoraConfig
+    n_train: int
+    output_dir: Optional[Path]  # None: <run dir>/adapter
+    device: str
+
+
+_USER_ERRORS = (FileNotFoundError, NotADirectoryError, DatasetError, ConfigError, TargetError, ValueError, OSError)
+
+
+def check_run(params: SaveAdapterParameters) -> CheckedRun:
+    """Every check that needs no Prefect server and writes nothing: the base model folder (or Hub download), the
+    dataset file, the adapter config against the model's modules, the training device, the output folder.
+
+    Relative paths resolve against the current directory.
+
+    Raises:
+        ParameterError: listing every problem found (one line each: the parameter, what is wrong, the fix).
+    """
+    from adapterflow.base_models import load_tokenizer, resolve_base_model
+
+    problems: list[str] = []
+    base_name = params.base_model.name_or_path
+    if is_local_reference(base_name, Path.cwd()):
+        base_name = str(local_path(base_name))  # a relative folder is in the current directory
+    base_path = _check(problems, "base_model.name_or_path", lambda: resolve_base_model(base_name))
+    dataset = params.dataset.path if params.dataset.path.startswith(BUILTIN_PREFIX) else local_path(params.dataset.path)
+    examples = _check(problems, "dataset.path", lambda: load_examples(dataset))
+    # Adapters name their base as others can find it: a Hub id stays a Hub id, a local base is its folder.
+    is_hub_id = base_path is not None and not base_name.startswith(BUILTIN_PREFIX) and not Path(base_name).exists()
+    config = _check(problems, "adapter", lambda: params.adapter.lora_config(base_name if is_hub_id else str(base_path)))
+    if base_path is not None and config is not None:
+        from adapterflow.targeting import plan_targets
+
+        _check(problems, "adapter.target_modules", lambda: plan_targets(_meta_model(base_path), config))
+    n_train = 0
+    if base_path is not None and examples is not None:
+        train_examples, _ = split_examples(examples, params.dataset.eval_fraction, params.training.seed)
+        tokenizer = _check(problems, "base_model.name_or_path", lambda: _tokenizer(load_tokenizer, base_path))
+        n_train = len(tokenize(train_examples, tokenizer, params.training.max_seq_len)) if tokenizer else 0
+        if tokenizer and n_train == 0:
+            problems.append(f"dataset.path {dataset}: no example keeps a completion token within training."
+                            f"max_seq_len={params.training.max_seq_len}; raise training.max_seq_len.")
+    device = _device(problems, params.training.device)
+    output_dir = local_path(params.save.output_dir) if params.save.output_dir else None
+    problems += _folder_problems("save.output_dir", output_dir) if output_dir else []
+    problems += _folder_problems("runs_root", local_path(params.runs_root))
+    problems += _combination_problems(params)
+    if problems:
+        raise ParameterError("Invalid save-adapter parameters:\n" + "\n".join(f"  - {p}" for p in problems))
+    return CheckedRun(base_path, dataset, config, n_train, output_dir, device)
+
+
+def training_settings(params: SaveAdapterParameters, checked: CheckedRun) -> dict:
+    """The TrainingSettings fields, with steps (from epochs) and the device resolved."""
+    training = params.training
+    steps = training.steps
+    if steps is None:
+        per_epoch = math.ceil(checked.n_train / training.batch_size / training.gradient_accumulation_steps)
+        steps = max(1, math.ceil(training.epochs * per_epoch))
+    return dict(steps=steps, learning_rate=training.learning_rate, batch_size=training.batch_size,
+                gradient_accumulation_steps=training.gradient_accumulation_steps,
+                max_grad_norm=training.max_grad_norm, weight_decay=training.weight_decay,
+                warmup_steps=min(training.warmup_steps, steps), seed=training.seed,
+                checkpoint_every=training.checkpoint_every, device=checked.device)
+
+
+def _check(problems: list[str], parameter: str, step):
+    """Run one check; a failure becomes a problem line (prefixed with the parameter unless the message names it)."""
+    try:
+        return step()
+    except _USER_ERRORS as exc:
+        message = str(exc)
+        problems.append(message if message.startswith(parameter.split(".")[0]) else f"{parameter}: {message}")
+        return None
+
+
+def _tokenizer(load_tokenizer, base_path: Path):
+    try:
+        return load_tokenizer(base_path)
+    except (OSError, ValueError) as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0].rstrip(": ")
+        raise FileNotFoundError(f"no usable tokenizer in {base_path} ({reason}); save the model's tokenizer into "
+                                f"that folder too (tokenizer.save_pretrained(folder)).") from None
+
+
+def _meta_model(base_path: Path) -> torch.nn.Module:
+    # The module tree without weights: enough to match target_modules, at no memory cost.
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base_path))
+
+
+def _device(problems: list[str], device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        problems.append("training.device=cuda: no CUDA device is visible to torch on this machine "
+                        "(torch.cuda.is_available() is False); use training.device=auto or cpu.")
+    return device
+
+
+def _folder_problems(parameter: str, folder: Path) -> list[str]:
+    """A folder we will create or write into: not a file, no file on its path, writable where it starts."""
+    ancestor = folder
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if ancestor == folder and not folder.is_dir():
+        return [f"{parameter} {folder} is an existing file; pass a folder."]
+    if not ancestor.is_dir():
+        return [f"{parameter} {folder}: {ancestor} is a file, so the folder cannot be created; pick another path."]
+    if not os.access(ancestor, os.W_OK):
+        return [f"{parameter} {folder} is not writable ({ancestor} is read-only for this user)."]
+    return []
+
+
+def _combination_problems(params: SaveAdapterParameters) -> list[str]:
+    problems = []
+    if is_randomized_pissa(params.adapter.init) and not params.save.convert_pissa_to_lora:
+        problems.append(f"adapter.init={params.adapter.init} without save.convert_pissa_to_lora: reloading re-runs a "
+                        f"randomized SVD and gives another model, so verification would fail. Set "
+                        f"save.convert_pissa_to_lora=true, or use init 'pissa' (exact SVD).")
+    selected = params.save.selected_adapters
+    if selected is not None and selected != [params.adapter.name]:
+        problems.append(f"save.selected_adapters={selected}: this run trains one adapter, "
+                        f"{params.adapter.name!r}; use [{params.adapter.name!r}] or null.")
+    return problems

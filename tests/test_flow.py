@@ -147,8 +147,10 @@ def test_an_output_folder_is_never_shared_between_runs(tmp_path):
 
 def test_epochs_set_the_number_of_steps(tmp_path):
     from flow_helpers import parameters
-    from adapterflow.tasks.prepare_run import _training_settings
+    from adapterflow.tasks.run_plan import CheckedRun, training_settings
 
     params = parameters(tmp_path, training={"steps": None, "epochs": 1.5, "batch_size": 10,
                                             "gradient_accumulation_steps": 2})
-    assert _training_settings(params, n_train=95)["steps"] == 8  # ceil(1.5 * ceil(95 / 10 / 2))
+    checked = CheckedRun(base_path=tmp_path, dataset="builtin:instructions", config=None, n_train=95,
+                         output_dir=None, device="cpu")
+    assert training_settings(params, checked)["steps"] == 8  # ceil(1.5 * ceil(95 / 10 / 2))

@@ -1,0 +1,195 @@
+"""Where the flow's parameters come from: the embedded defaults, then a YAML `--config` file, then each `--set`.
+
+Relative paths resolve against the file's folder for values in a config file and against the current directory
+for `--set` values (`resolve_paths`). Every mistake is a `ParameterError` whose lines name the parameter, where it
+was given (`--set adapter.r=0`, `run.yaml, line 3`) and what to do.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from typing import Any
+
+from adapterflow.flows.parameters import (BUILTIN_PREFIX, ParameterError, SaveAdapterParameters, is_local_reference,
+                                          local_path)
+
+_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
+
+
+def load_parameters(config_file: str | None, overrides: list[str]) -> SaveAdapterParameters:
+    """Defaults < YAML file < `--set key.sub=value` overrides, validated by the flow's pydantic model.
+
+    Raises:
+        ParameterError: the config file is missing, not UTF-8, not YAML or not a mapping (file and line named), an
+            override is malformed, or a value breaks the model (every problem listed, with its source).
+    """
+    from pydantic import ValidationError
+
+    data, lines = ({}, {}) if config_file is None else read_config_file(config_file)
+    given = resolve_paths(apply_overrides({}, overrides), Path.cwd())
+    sources = {key: f"{config_file}, line {line}" for key, line in lines.items()}
+    sources.update({item.split("=", 1)[0]: f"--set {item}" for item in overrides})
+    try:
+        return SaveAdapterParameters.model_validate(merge(data, given))
+    except ValidationError as exc:
+        raise ParameterError("Invalid parameters:\n" + "\n".join(
+            f"  - {line}" for line in describe_validation_errors(exc, sources))) from None
+
+
+def read_config_file(config_file: str) -> tuple[dict, dict[str, int]]:
+    """A YAML config file's parameters (relative paths made absolute against the file's folder) and the line of
+    each dotted key (`{"adapter.r": 3}`), for messages.
+
+    Raises:
+        ParameterError: the file is missing, unreadable, not UTF-8, not YAML, or not a mapping of sections.
+    """
+    import yaml
+
+    path = Path(config_file).expanduser()
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except FileNotFoundError:
+        raise ParameterError(f"--config {config_file}: no such file ({path.absolute()}); "
+                             f"check the path (relative paths start in the current directory).") from None
+    except IsADirectoryError:
+        raise ParameterError(f"--config {config_file}: is a folder; pass a YAML file.") from None
+    except UnicodeDecodeError as exc:
+        line = text_line(exc.object, exc.start)
+        raise ParameterError(f"--config {config_file}, line {line}: not UTF-8 text; save the file as UTF-8.") from None
+    except OSError as exc:
+        raise ParameterError(f"--config {config_file}: cannot be read ({exc.strerror}).") from None
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ParameterError(f"--config {config_file}{where}: not valid YAML ({problem}).") from None
+    if data is None:
+        return {}, {}
+    if not isinstance(data, dict):
+        raise ParameterError(f"--config {config_file}: expected a mapping of parameter sections (base_model:, "
+                             f"dataset:, adapter:, training:, ...), got a YAML {type(data).__name__}.")
+    return resolve_paths(data, path.absolute().parent), _key_lines(node)
+
+
+def text_line(raw: bytes, offset: int) -> int:
+    """The 1-based line number of byte `offset` in `raw`."""
+    return raw.count(b"\n", 0, offset) + 1
+
+
+def _key_lines(node, prefix: str = "") -> dict[str, int]:
+    import yaml
+
+    lines: dict[str, int] = {}
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            dotted = f"{prefix}{key.value}"
+            lines[dotted] = key.start_mark.line + 1
+            lines.update(_key_lines(value, dotted + "."))
+    return lines
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply `key.sub=value` strings (values parsed as YAML: `5`, `true`, `[q_proj, v_proj]`, `null`) to a nested
+    parameter dict; returns `data`, changed.
+
+    Raises:
+        ParameterError: an item without `=`, a malformed key, a value that is not YAML, or a key below a value.
+    """
+    import yaml
+
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not _KEY.fullmatch(key):
+            raise ParameterError(f"--set {item}: expected KEY=VALUE with a dotted key, e.g. --set training.steps=50.")
+        try:
+            value = yaml.safe_load(raw) if raw else None
+        except yaml.YAMLError as exc:
+            raise ParameterError(f"--set {item}: the value is not valid YAML ({getattr(exc, 'problem', exc)}); "
+                                 f"quote it, e.g. --set '{key}=\"{raw}\"'.") from None
+        node = data
+        *parents, leaf = key.split(".")
+        for depth, part in enumerate(parents):
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ParameterError(f"--set {item}: {'.'.join(parents[:depth + 1])} is a value, not a section.")
+        node[leaf] = value
+    return data
+
+
+def merge(base: dict, updates: dict) -> dict:
+    """`updates` merged into `base` section by section (nested dicts merge, other values replace); `base` changes."""
+    for key, value in updates.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            merge(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def resolve_paths(data: dict, base: Path) -> dict:
+    """Make the path parameters of a parameter dict absolute against `base` (a --config file's folder, or the
+    current directory for --set): runs_root, save.output_dir, dataset.path always; base_model.name_or_path when it
+    names a local folder (`is_local_reference`). Hub ids and builtin: names stay as they are. Returns `data`."""
+    def fix(section: str, key: str, always: bool) -> None:
+        node = data.get(section) if section else data
+        value = node.get(key) if isinstance(node, dict) else None
+        if isinstance(value, str) and value and not value.startswith(BUILTIN_PREFIX) and (
+                always or is_local_reference(value, base)):
+            node[key] = str(local_path(base / Path(value).expanduser()))
+
+    fix("", "runs_root", always=True)
+    fix("save", "output_dir", always=True)
+    fix("dataset", "path", always=True)
+    fix("base_model", "name_or_path", always=False)
+    return data
+
+
+def describe_validation_errors(exc, sources: dict[str, str]) -> list[str]:
+    """pydantic's errors as one line per parameter: `adapter.r = 0 (--set adapter.r=0): Input should be ...`; an
+    unknown key gets the closest known name. `sources` maps dotted keys to where they were given."""
+    described: dict[str, list[str]] = {}
+    for error in exc.errors():
+        path = _parameter_path(error["loc"])
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "extra_forbidden":
+            message = "unknown parameter" + _did_you_mean(path)
+        elif path in sources or "." in path:
+            message = f"{message} (got {error['input']!r})" if not isinstance(error["input"], dict) else message
+        described.setdefault(path, [])
+        if message not in described[path]:
+            described[path].append(message)
+    return [f"{path}{_source(path, sources)}: {'; '.join(messages)}" for path, messages in described.items()]
+
+
+def _parameter_path(loc: tuple) -> str:
+    """('adapter', 'target_modules', 'list[str]', 0) -> 'adapter.target_modules': union branches and list
+    indexes are not parameters."""
+    parts = []
+    for part in loc:
+        if not isinstance(part, str) or "[" in part or part in ("function-after", "function-before"):
+            break
+        parts.append(part)
+    return ".".join(parts) or "parameters"
+
+
+def _did_you_mean(path: str) -> str:
+    *section, name = path.split(".")
+    model: Any = SaveAdapterParameters
+    for part in section:
+        field = model.model_fields.get(part)
+        model = getattr(field, "annotation", None) if field else None
+        if not hasattr(model, "model_fields"):
+            return ""
+    close = difflib.get_close_matches(name, list(model.model_fields), n=1)
+    prefix = ".".join(section) + "." if section else ""
+    return f"; did you mean {prefix}{close[0]}?" if close else f"; known: {', '.join(model.model_fields)}"
+
+
+def _source(path: str, sources: dict[str, str]) -> str:
+    where = sources.get(path)
+    return f" ({where})" if where else ""

@@ -1,0 +1,125 @@
+"""`adapterflow run` given bad input, as a user would give it: from their own folder, with --set, --config files,
+datasets and model folders. Each mistake ends the command with exit status 2 and one message that names the
+parameter or file, with no Python traceback, nothing written, and (all of these are found before training) no
+flow run started."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from adapterflow.flows.cli import main
+
+ok_data = "\n".join(json.dumps({"prompt": f"Q{i}: ", "completion": f"answer number {i}"}) for i in range(30))
+FILES = {
+    "data.jsonl": ok_data,
+    "latin1.jsonl": b'{"text": "ok"}\n{"text": "fine"}\n{"text": "caf\xe9"}\n',
+    "broken.jsonl": '{"text": "ok"}\n{"text": \n',
+    "nofields.jsonl": '{"text": "ok"}\n{"other": 1}\n',
+    "empty.jsonl": "",
+    "data.csv": "text\nhello\n",
+    "config-missing-model/weights.bin": "x",
+    "a-file": "not a folder",
+    "bad.yaml": "adapter:\n  r: [4\n",
+    "list.yaml": "- adapter\n- training\n",
+    "unknown.yaml": "adapter:\n  r: 4\ntraining:\n  steps: 5\n  stepz: 3\n",
+    "latin1.yaml": b"adapter:\n  name: caf\xe9\n",
+    "types.yaml": "training:\n  steps: many\n",
+}
+
+# (arguments after `adapterflow run`, fragments the message must contain)
+CASES = [
+    (["--set", "adapter.r=0"], ["adapter.r", "--set adapter.r=0", "greater than or equal to 1"]),
+    (["--set", "training.stepz=3"], ["training.stepz", "unknown parameter", "did you mean training.steps"]),
+    (["--set", "foo.bar=1"], ["foo", "unknown parameter"]),
+    (["--set", "adapter.init=olora"], ["adapter.init", "olora"]),
+    (["--set", "training.steps"], ["--set training.steps", "KEY=VALUE"]),
+    (["--set", "=5"], ["--set =5", "KEY=VALUE"]),
+    (["--set", "adapter.r=[4"], ["--set adapter.r=[4", "not valid YAML"]),
+    (["--set", "adapter.r=4", "--set", "adapter.r.x=1"], ["adapter.r is a value, not a section"]),
+    (["--set", "training.steps=null"], ["training", "exactly one of training.steps and training.epochs"]),
+    (["--set", "adapter.lora_dropout=1.5"], ["adapter.lora_dropout", "less than 1"]),
+    (["--set", "dataset.eval_fraction=0"], ["dataset.eval_fraction", "greater than 0"]),
+    (["--set", "training.learning_rate=fast"], ["training.learning_rate", "valid number"]),
+    (["--set", "training.device=tpu"], ["training.device", "'auto', 'cpu' or 'cuda'"]),
+    (["--set", "training.device=cuda"], ["training.device=cuda", "no CUDA device", "training.device=auto"]),
+    (["--set", "dataset.path=missing.jsonl"], ["dataset.path", "missing.jsonl", "not found"]),
+    (["--set", "dataset.path=latin1.jsonl"], ["latin1.jsonl, line 3", "not UTF-8", "byte 0xe9"]),
+    (["--set", "dataset.path=broken.jsonl"], ["broken.jsonl", "line 2: not JSON"]),
+    (["--set", "dataset.path=nofields.jsonl"], ["nofields.jsonl", "line 2", '"text"']),
+    (["--set", "dataset.path=empty.jsonl"], ["empty.jsonl", "no examples"]),
+    (["--set", "dataset.path=data.csv"], ["data.csv", "extension '.csv'"]),
+    (["--set", "dataset.path=builtin:nope"], ["dataset.path", "Unknown builtin dataset 'nope'"]),
+    (["--set", "base_model.name_or_path=./no-such-model"], ["base_model.name_or_path", "no-such-model", "does not exist"]),
+    (["--set", "base_model.name_or_path=config-missing-model"], ["config-missing-model", "no config.json"]),
+    (["--set", "base_model.name_or_path=a-file"], ["a-file", "is a file"]),
+    (["--set", "base_model.name_or_path=builtin:gpt-7"], ["base_model.name_or_path", "builtin:gpt-7", "available"]),
+    (["--set", "base_model.name_or_path=no-tokenizer"], ["base_model.name_or_path", "no usable tokenizer"]),
+    (["--set", "adapter.target_modules=[nonexistent_proj]"], ["adapter.target_modules", "nonexistent_proj"]),
+    (["--set", "training.max_seq_len=4"], ["training.max_seq_len=4", "raise training.max_seq_len"]),
+    (["--set", "save.output_dir=a-file/adapter"], ["save.output_dir", "a-file", "is a file"]),
+    (["--set", "save.output_dir=a-file"], ["save.output_dir", "existing file"]),
+    (["--set", "runs_root=a-file"], ["runs_root", "existing file"]),
+    (["--set", "save.convert_pissa_to_lora=false"], ["adapter.init=pissa_niter_4", "save.convert_pissa_to_lora=true"]),
+    (["--set", "save.selected_adapters=[other]"], ["save.selected_adapters", "['default']"]),
+    (["--config", "missing.yaml"], ["--config missing.yaml", "no such file"]),
+    (["--config", "bad.yaml"], ["--config bad.yaml, line 3", "not valid YAML"]),
+    (["--config", "list.yaml"], ["--config list.yaml", "expected a mapping of parameter sections"]),
+    (["--config", "unknown.yaml"], ["training.stepz (unknown.yaml, line 5)", "unknown parameter"]),
+    (["--config", "latin1.yaml"], ["--config latin1.yaml, line 2", "not UTF-8"]),
+    (["--config", "types.yaml"], ["training.steps (types.yaml, line 2)", "valid integer", "'many'"]),
+    (["--config", "sub"], ["--config sub", "is a folder"]),
+]
+
+
+@pytest.fixture
+def user_folder(tmp_path, monkeypatch, base_dir):
+    """A user's project folder with their files, as the current directory."""
+    for name, content in FILES.items():
+        path = tmp_path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    (tmp_path / "sub").mkdir()
+    shutil.copytree(base_dir, tmp_path / "no-tokenizer")  # a model folder without tokenizer files
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+            for p in sorted(folder.rglob("*"))}
+
+
+@pytest.mark.parametrize("arguments, fragments", CASES, ids=[" ".join(c[0]) for c in CASES])
+def test_bad_input_is_one_clear_message(user_folder, capfd, arguments, fragments):
+    before = snapshot(user_folder)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["run", *arguments])
+    out, err = capfd.readouterr()
+    assert exit_info.value.code == 2, err
+    assert err.startswith("adapterflow run: ") and out == ""
+    for fragment in fragments:
+        assert fragment in err, f"{fragment!r} not in:\n{err}"
+    assert "Traceback" not in err and len(err.splitlines()) <= 6, err
+    assert "Beginning flow run" not in err and "step 1/" not in err  # found before any flow or training started
+    assert snapshot(user_folder) == before  # nothing written
+
+
+def test_every_problem_at_once(user_folder, capfd):
+    """Several mistakes: all of them in one message, so one fix-and-rerun is enough."""
+    with pytest.raises(SystemExit):
+        main(["run", "--set", "dataset.path=missing.jsonl", "--set", "training.device=cuda",
+              "--set", "adapter.target_modules=[nonexistent_proj]"])
+    err = capfd.readouterr().err
+    assert all(word in err for word in ("dataset.path", "training.device=cuda", "adapter.target_modules")), err
+
+
+def test_debug_shows_the_traceback(user_folder, capfd):
+    from adapterflow.flows.parameters import ParameterError
+
+    with pytest.raises(ParameterError, match="adapter.r"):
+        main(["run", "--debug", "--set", "adapter.r=0"])
