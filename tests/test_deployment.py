@@ -2,6 +2,7 @@
 deployments and a worker; `prefect deployment run 'save-adapter/local' --watch` runs the flow there."""
 
 import json
+import shutil
 import os
 import subprocess
 import sys
@@ -101,3 +102,38 @@ def test_two_concurrent_runs_get_separate_outputs(stack):
     adapters = [state / "runs" / run_id / "adapter" / "adapter_model.safetensors" for run_id in ids]
     assert all(a.is_file() for a in adapters)
     assert time.monotonic() - started < 460
+
+
+@pytest.mark.slow
+def test_plain_prefect_deploy_from_the_project_root(prefect_api, tmp_path):
+    """Prefect's documented way, with no project-specific environment variable: `prefect deploy` from the project
+    root, a worker on the pool, `prefect deployment run --watch`. The runs start in the folder deployed from, so
+    a relative runs_root lands there."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ADAPTERFLOW_") or k == "ADAPTERFLOW_CACHE"}
+    env.update(PREFECT_API_URL=prefect_api, PREFECT_WORKER_QUERY_SECONDS="2")
+    pool = subprocess.run([BIN / "prefect", "work-pool", "create", "adapterflow-local", "--type", "process",
+                           "--overwrite"], env=env, capture_output=True, text=True, timeout=120)
+    assert pool.returncode == 0, pool.stdout + pool.stderr
+    deploy = subprocess.run([BIN / "prefect", "--no-prompt", "deploy", "--prefect-file", "deployments/prefect.yaml",
+                             "--all"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert deploy.returncode == 0 and "save-adapter/local" in deploy.stdout, deploy.stdout + deploy.stderr
+    inspected = subprocess.run([BIN / "prefect", "deployment", "inspect", "save-adapter/local", "--output", "json"],
+                               env=env, capture_output=True, text=True, timeout=60)
+    pull = json.loads(inspected.stdout)["pull_steps"]
+    assert pull == [{"prefect.deployments.steps.set_working_directory": {"directory": str(ROOT.resolve())}}]
+
+    runs_root = f"runs/deploy-test-{os.getpid()}"  # relative: against the deployment's working directory
+    worker = subprocess.Popen([BIN / "prefect", "worker", "start", "--pool", "adapterflow-local"], env=env,
+                              cwd=tmp_path, stdout=open(tmp_path / "worker.log", "wb"), stderr=subprocess.STDOUT,
+                              start_new_session=True)
+    try:
+        result = deployment_run({**env, "PREFECT_API_URL": prefect_api},
+                                {**TINY, "runs_root": runs_root, "mlflow": {"enabled": False}})
+        assert result.returncode == 0, result.stdout + result.stderr + (tmp_path / "worker.log").read_text()[-3000:]
+        adapter = ROOT / runs_root / flow_run_id(result.stdout) / "adapter"
+        assert (adapter / "adapter_model.safetensors").is_file()
+        assert not (tmp_path / "runs").exists()  # not the worker's own folder
+    finally:
+        os.killpg(worker.pid, 15)
+        worker.wait(timeout=30)
+        shutil.rmtree(ROOT / runs_root, ignore_errors=True)

@@ -69,11 +69,13 @@ def test_bad_parameters_fail_before_training_and_name_every_problem(tmp_path):
     existing_file = tmp_path / "taken"
     existing_file.write_text("x")
     state = run_flow(tmp_path / "runs", run_name="bad", dataset={"path": str(empty)},
-                     adapter={"target_modules": ["query", "value"]}, save={"output_dir": str(existing_file)})
+                     adapter={"target_modules": ["query", "value"]}, save={"output_dir": str(existing_file)},
+                     training={"device": "cpu" if torch.cuda.is_available() else "cuda"})
     assert state.is_failed()
     message = state.message + str(state.result(raise_on_failure=False))
     assert "holds no examples" in message and "matches no adaptable module" in message
     assert "is an existing file" in message
+    assert torch.cuda.is_available() or "training.device=cuda: no CUDA device" in message  # a parameter error
     assert not (tmp_path / "runs" / "bad" / "checkpoints").exists()
     assert set(task_runs(state)) == {"prepare-run"}
     assert task_runs(state)["prepare-run"].run_count == 1  # permanent: not retried
