@@ -85,10 +85,10 @@ def training_run(tmp_path, prefect_home):
                                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     recorded = {}
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 180
         while not re.search(r"step \d+/400", output.read_text()):
             assert process.poll() is None, f"adapterflow run ended before training:\n{output.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, "no training step within 120 s"
+            assert time.monotonic() < deadline, "no training step within 180 s"
             time.sleep(0.1)
         recorded = _descendants(process.pid)
         servers = [pid for pid in recorded if "prefect.server.api.server:create_app" in _command_line(pid)]
