@@ -63,17 +63,13 @@ def temporary_prefect_api() -> Iterator[str]:
     try:
         os.environ.update(client_env)
         with _prefect_settings(client_env):
-            yield url
+            try:
+                yield url
+            finally:
+                _drain_prefect_workers()  # while prefect still points at the server
     finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-        try:
-            _drain_prefect_workers()
-        finally:
-            _stop(server)
+        _restore_environ(saved)
+        _stop(server)
 
 
 @contextlib.contextmanager
@@ -155,6 +151,15 @@ def _stop(server: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             server.kill()
     server.wait()
+
+
+def _restore_environ(saved: dict[str, str | None]) -> None:
+    """Put back the saved environment variables; None: it was not set."""
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 def _drain_prefect_workers() -> None:
