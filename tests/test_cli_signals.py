@@ -119,10 +119,9 @@ def test_interrupted_run_leaves_no_process_and_marks_the_flow_run(training_run, 
         process.send_signal(signal.SIGTERM)
     started = time.monotonic()
     returncode = process.wait(timeout=20)
-    assert returncode != 0
     assert not _wait_gone(recorded, 3), "processes left after the CLI exited"
     text = output.read_text()
-    assert "KeyboardInterrupt" in text, text[-3000:]
+    assert returncode == 130 and "adapterflow run: interrupted" in text, text[-3000:]  # SIGTERM acts as Ctrl-C
     assert "Error logging to API" not in text  # logs were sent before the server stopped
     assert time.monotonic() - started < 20
     assert _flow_run_state(prefect_home, tmp_path / "runs") == "CRASHED"
