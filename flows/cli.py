@@ -69,11 +69,14 @@ def run_command(config_file: str | None, overrides: list[str], debug: bool = Fal
 
     parameters = load_parameters(config_file, overrides)
     check_run(parameters)
-    from adapterflow.flows.save_adapter import save_adapter
+    from adapterflow.flows.server import handle_termination, temporary_prefect_api
 
-    if not debug:
-        hide_console_tracebacks()
-    state = save_adapter(config=parameters, return_state=True)
+    with handle_termination(), temporary_prefect_api():  # SIGTERM acts as Ctrl-C; no server outlives the command
+        from adapterflow.flows.save_adapter import save_adapter
+
+        if not debug:
+            hide_console_tracebacks()
+        state = save_adapter(config=parameters, return_state=True)
     if not state.is_completed():
         raise state.result(raise_on_failure=False) or RuntimeError(state.message)
     return state.result()
