@@ -5,7 +5,7 @@ from __future__ import annotations
 from prefect import task
 
 from adapterflow import get_adapter_state_dict, write_adapters
-from adapterflow.run_dir import load_trained_model
+from adapterflow.runtime.run_dir import load_trained_model
 from adapterflow.verify import check_extracted_state
 from adapterflow.tasks.policy import RESULT_OPTIONS, RETRY_OPTIONS
 from adapterflow.tasks.run_plan import RunPlan

@@ -6,7 +6,7 @@ from prefect import task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.states import Completed
 
-from adapterflow.run_dir import read_json
+from adapterflow.runtime.run_dir import read_json
 from adapterflow.flows.parameters import MlflowSettings, local_path
 from adapterflow.tasks.mlflow_logging import is_transient_mlflow_error, log_adapter_run
 from adapterflow.tasks.policy import RESULT_OPTIONS, is_transient, retry_options

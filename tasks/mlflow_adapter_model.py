@@ -30,7 +30,7 @@ class AdapterTextGenerator(PythonModel):
     def load_context(self, context) -> None:
         # Imported here: `adapterflow` is found through the model's code path only once MLflow has added it.
         from adapterflow import AdapterModel
-        from adapterflow.base_models import load_base_model, load_tokenizer
+        from adapterflow.runtime.base_models import load_base_model, load_tokenizer
 
         config = dict(context.model_config or {})
         adapter_dir = context.artifacts["adapter"]

@@ -10,10 +10,10 @@ from pathlib import Path
 from prefect import get_run_logger, task
 
 from adapterflow import formats
-from adapterflow.data import dataset_sha256
+from adapterflow.runtime.data import dataset_sha256
 from adapterflow.flows.parameters import SaveAdapterParameters, local_path
 from adapterflow.init_methods import is_pissa
-from adapterflow.run_dir import RunDir, read_json, write_json
+from adapterflow.runtime.run_dir import RunDir, read_json, write_json
 from adapterflow.tasks.policy import RESULT_OPTIONS, RETRY_OPTIONS
 from adapterflow.tasks.run_plan import ParameterError, RunPlan, check_run, training_settings
 

@@ -14,7 +14,7 @@ from prefect.states import Completed
 
 from adapterflow import formats
 from adapterflow.hub import build_model_card, push_adapter_folder
-from adapterflow.run_dir import read_json
+from adapterflow.runtime.run_dir import read_json
 from adapterflow.flows.parameters import HubSettings, MlflowSettings
 from adapterflow.tasks.mlflow_logging import set_hub_commit_tag
 from adapterflow.tasks.policy import RESULT_OPTIONS, RETRY_OPTIONS

@@ -15,12 +15,12 @@ import torch
 from pydantic import BaseModel
 
 from adapterflow import ConfigError, LoraConfig, TargetError
-from adapterflow.data import DatasetError, load_examples, split_examples, tokenize
+from adapterflow.runtime.data import DatasetError, load_examples, split_examples, tokenize
 from adapterflow.flows.parameters import (BUILTIN_PREFIX, ParameterError, SaveAdapterParameters, is_local_reference,
                                           local_path)
 from adapterflow.init_methods import is_randomized_pissa
-from adapterflow.run_dir import RunDir
-from adapterflow.training import TrainingSettings
+from adapterflow.runtime.run_dir import RunDir
+from adapterflow.runtime.training import TrainingSettings
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -82,7 +82,7 @@ def check_run(params: SaveAdapterParameters) -> CheckedRun:
     Raises:
         ParameterError: listing every problem found (one line each: the parameter, what is wrong, the fix).
     """
-    from adapterflow.base_models import load_tokenizer, resolve_base_model
+    from adapterflow.runtime.base_models import load_tokenizer, resolve_base_model
 
     problems: list[str] = []
     base_name = params.base_model.name_or_path

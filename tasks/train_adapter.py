@@ -6,10 +6,10 @@ import torch
 from prefect import get_run_logger, task
 from prefect.artifacts import create_table_artifact
 
-from adapterflow.base_models import load_tokenizer
-from adapterflow.data import collate, load_examples, split_examples, tokenize
-from adapterflow.run_dir import build_adapter_model, write_json, write_probe
-from adapterflow.training import evaluate, train
+from adapterflow.runtime.base_models import load_tokenizer
+from adapterflow.runtime.data import collate, load_examples, split_examples, tokenize
+from adapterflow.runtime.run_dir import build_adapter_model, write_json, write_probe
+from adapterflow.runtime.training import evaluate, train
 from adapterflow.tasks.policy import RESULT_OPTIONS, RETRY_OPTIONS
 from adapterflow.tasks.run_plan import RunPlan
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from adapterflow import base_models
-from adapterflow.base_models import BUILTIN_PREFIX, load_base_model, load_tokenizer, resolve_base_model
-from adapterflow.builtin import make_instructions
+from adapterflow.runtime import base_models
+from adapterflow.runtime.base_models import BUILTIN_PREFIX, load_base_model, load_tokenizer, resolve_base_model
+from adapterflow.runtime.builtin import make_instructions
 
 TINY = BUILTIN_PREFIX + "tiny-llama"
 DATASET = base_models.BUILTIN_DIR / "instructions.jsonl"
@@ -193,7 +193,7 @@ def test_generator_regenerates_the_shipped_file(tmp_path):
     assert make_instructions.render(make_instructions.generate()) == DATASET.read_bytes()
     output = tmp_path / "instructions.jsonl"
     env = {**os.environ, "PYTHONHASHSEED": "random"}  # no dependence on hash order
-    subprocess.run([sys.executable, "-m", "adapterflow.builtin.make_instructions", "--output", str(output)],
+    subprocess.run([sys.executable, "-m", "adapterflow.runtime.builtin.make_instructions", "--output", str(output)],
                    check=True, env=env, capture_output=True)
     assert output.read_bytes() == DATASET.read_bytes()
     assert make_instructions.main(["--check"]) == 0

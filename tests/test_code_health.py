@@ -45,3 +45,23 @@ def test_core_package_imports_only_torch_and_safetensors():
 def test_core_modules_never_import_prefect_or_mlflow():
     for path in (ROOT / "adapterflow").rglob("*.py"):
         assert not imported_modules(path) & {"prefect", "mlflow"}, path
+
+
+def test_adapter_library_does_not_import_the_runtime():
+    """adapterflow/*.py is the adapter library; the training runtime (transformers, tokenizers, datasets) lives in
+    adapterflow/runtime/ and the pipeline in flows/ and tasks/, which the library never imports."""
+    for path in (ROOT / "adapterflow").glob("*.py"):
+        imported = {name for name in _full_imports(path)}
+        assert not {m for m in imported if m.split(".")[0] in ("transformers", "tokenizers", "datasets")}, path
+        assert not {m for m in imported if m.startswith(("adapterflow.runtime", "adapterflow.flows",
+                                                          "adapterflow.tasks"))}, path
+
+
+def _full_imports(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+    return names

@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from adapterflow.base_models import load_tokenizer, resolve_base_model
-from adapterflow.data import (IGNORE_INDEX, BatchStream, DatasetError, Example, load_examples, split_examples,
+from adapterflow.runtime.base_models import load_tokenizer, resolve_base_model
+from adapterflow.runtime.data import (IGNORE_INDEX, BatchStream, DatasetError, Example, load_examples, split_examples,
                               tokenize)
 
 

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 import peft
-from adapterflow.base_models import load_base_model
+from adapterflow.runtime.base_models import load_base_model
 from flow_helpers import artifacts, run_flow, task_runs
 
 pytestmark = pytest.mark.usefixtures("prefect_api")

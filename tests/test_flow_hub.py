@@ -92,7 +92,7 @@ def test_wrong_token_fails_at_once_and_names_the_fix(hub, tmp_path, monkeypatch)
 def test_base_model_given_as_a_hub_repo_id(hub, tmp_path, monkeypatch):
     from huggingface_hub import HfApi
 
-    from adapterflow.base_models import resolve_base_model
+    from adapterflow.runtime.base_models import resolve_base_model
 
     api = HfApi(endpoint=hub.url, token=TOKEN)
     api.create_repo("tester/tiny-base", exist_ok=True)

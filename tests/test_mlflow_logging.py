@@ -23,7 +23,7 @@ from mlflow.protos.databricks_pb2 import (INVALID_PARAMETER_VALUE, RESOURCE_DOES
 
 import tiny
 from adapterflow import LoraConfig, get_adapter_model
-from adapterflow.base_models import load_base_model, resolve_base_model
+from adapterflow.runtime.base_models import load_base_model, resolve_base_model
 from servers import free_port
 from adapterflow.tasks import mlflow_logging
 from adapterflow.tasks.mlflow_logging import (MlflowSettings, MlflowUnavailableError, is_transient_mlflow_error,

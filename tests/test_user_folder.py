@@ -24,7 +24,7 @@ def _untracked_and_changed() -> str:
 
 @pytest.mark.slow
 def test_run_from_the_users_own_folder(tmp_path, prefect_api):
-    from adapterflow.base_models import resolve_base_model
+    from adapterflow.runtime.base_models import resolve_base_model
 
     project = tmp_path / "my project"
     shutil.copytree(resolve_base_model("builtin:tiny-llama"), project / "models" / "Qwen2.5-0.5B-Instruct")

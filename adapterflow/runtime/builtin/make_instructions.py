@@ -1,7 +1,7 @@
 """Generate `instructions.jsonl`, the synthetic instruction dataset shipped for the demo.
 
-    python -m adapterflow.builtin.make_instructions            # rewrites adapterflow/builtin/instructions.jsonl
-    python -m adapterflow.builtin.make_instructions --check    # exit 1 if the shipped file differs
+    python -m adapterflow.runtime.builtin.make_instructions            # rewrites adapterflow/runtime/builtin/instructions.jsonl
+    python -m adapterflow.runtime.builtin.make_instructions --check    # exit 1 if the shipped file differs
 
 Each line is {"prompt": ..., "completion": ...}: a prompt ending in "->" and a completion starting with a space.
 The tasks are small and rule-based (next / previous number, even or odd, bigger / smaller of two, counting,

@@ -2,7 +2,7 @@
 
 Accepted files: `.jsonl` with {"text": ...} or {"prompt": ..., "completion": ...} per line, and `.txt` (one
 example per non-empty line). Prompt tokens are masked from the loss; the model learns the completion.
-`builtin:<name>` names a dataset shipped in `adapterflow/builtin/`.
+`builtin:<name>` names a dataset shipped in `adapterflow/runtime/builtin/`.
 """
 
 from __future__ import annotations

@@ -24,14 +24,14 @@ from safetensors.torch import load_file
 
 from adapterflow import formats
 from adapterflow.atomic import write_file_atomic
-from adapterflow.base_models import load_base_model
+from adapterflow.runtime.base_models import load_base_model
 from adapterflow.config import LoraConfig
 from adapterflow.init_methods import is_pissa
 from adapterflow.model import AdapterModel, get_adapter_model
 from adapterflow.save import write_adapters
 from adapterflow.serialization import write_safetensors
 from adapterflow.state_dict import get_adapter_state_dict
-from adapterflow.training import latest_checkpoint, load_trainable_state
+from adapterflow.runtime.training import latest_checkpoint, load_trainable_state
 
 
 @dataclass(frozen=True)

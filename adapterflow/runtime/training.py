@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from adapterflow.atomic import staged_directory
-from adapterflow.data import BatchStream, TokenizedExample, collate
+from adapterflow.runtime.data import BatchStream, TokenizedExample, collate
 from adapterflow.serialization import write_weights
 
 CHECKPOINT_PREFIX = "step-"

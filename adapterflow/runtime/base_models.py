@@ -26,7 +26,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTr
 from transformers.utils import logging as hf_logging
 
 from adapterflow.atomic import fsync_dir, fsync_tree
-from adapterflow.data import BUILTIN_DIR, BUILTIN_PREFIX
+from adapterflow.runtime.data import BUILTIN_DIR, BUILTIN_PREFIX
 
 BUILTIN_MODELS = {"tiny-llama": ("tiny-llama.json", "instructions.jsonl")}  # name -> (config, tokenizer corpus)
 BUILD_VERSION = "1"  # bump when the build below changes, so cached folders are rebuilt under a new name
