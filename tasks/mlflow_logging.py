@@ -29,6 +29,7 @@ from typing import Any, Iterator, Optional
 from urllib.parse import quote, urlparse
 
 import adapterflow
+from adapterflow.flows.names import default_registered_model_name
 from adapterflow.flows.parameters import MlflowSettings
 from adapterflow.redaction import redact, redact_exception, redact_text
 
@@ -104,7 +105,7 @@ def log_adapter_run(settings: MlflowSettings, *, runs_root: str | os.PathLike, r
         raise ValueError(f"flow_run_id {flow_run_id!r} must be a plain id (letters, digits, _.:-)")
     uri, adapter_dir = resolve_tracking_uri(settings, runs_root), Path(adapter_dir)
     params, tags = redact(_params(plan)), redact(_run_tags(plan, flow_run_id, flow_run_url, training, verification))
-    name = settings.registered_model_name or _derived_model_name(plan)
+    name = settings.registered_model_name or _derived_model_name(plan)  # both valid: flows/names.py
     with _session(settings, uri):
         client = MlflowClient(uri, uri)
         experiment_id = _experiment_id(client, settings.experiment, uri, Path(runs_root).absolute())
@@ -287,10 +288,9 @@ def _run_tags(plan, flow_run_id, flow_run_url, training, verification) -> dict[s
 
 
 def _derived_model_name(plan: dict) -> str:
-    # The base model as the user named it ("builtin:tiny-llama" -> "tiny-llama"), not its cache folder.
+    # The base model as the user named it ("builtin:tiny-llama" -> "default-tiny-llama"), not its cache folder.
     given = plan.get("parameters", {}).get("base_model", {}).get("name_or_path") or plan["base_model_path"]
-    name = f"{plan.get('adapter_name', 'default')}-{Path(given.removeprefix('builtin:')).name}"
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-.") or "adapter"
+    return default_registered_model_name(plan.get("adapter_name", "default"), given)
 
 
 def _loss_figure(losses: list, adapter_name: str):
