@@ -74,7 +74,8 @@ def experiment_problem(value: str, param: str = "mlflow.experiment") -> Optional
     """mlflow.utils.validation._validate_experiment_name: not empty, at most 500 characters; MLflow's SQL schema
     stores 256 (experiments.name String(256)), so that is the limit here. Blank names are refused as well."""
     if not value.strip():
-        return _line(param, value, "MLflow experiment names must not be empty or blank", "give a name, e.g. 'adapterflow'")
+        return _line(param, value, "MLflow experiment names must not be empty or blank",
+                     "give a name, e.g. 'adapterflow'")
     if len(value) > MLFLOW_NAME_MAX:
         return _line(param, value, f"MLflow stores experiment names in {MLFLOW_NAME_MAX} characters, "
                      f"this one has {len(value)}", "use a shorter name")

@@ -344,9 +344,9 @@ def _session(settings: MlflowSettings, uri: str) -> Iterator[None]:
                 raise
             cause = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
             raise MlflowUnavailableError(
-                f"MLflow tracking server {redact_text(uri)} is unreachable or failing ({cause}). Start the server (e.g. `mlflow "
-                f"server --host 127.0.0.1 --port 5000`), or unset MLFLOW_TRACKING_URI to log to the local sqlite "
-                f"store, or set mlflow.enabled=false to skip MLflow logging.") from exc
+                f"MLflow tracking server {redact_text(uri)} is unreachable or failing ({cause}). Start the server "
+                f"(e.g. `mlflow server --host 127.0.0.1 --port 5000`), or unset MLFLOW_TRACKING_URI to log to the "
+                f"local sqlite store, or set mlflow.enabled=false to skip MLflow logging.") from exc
         finally:
             mlflow.set_tracking_uri(saved_uris[0])
             mlflow.set_registry_uri(saved_uris[1])

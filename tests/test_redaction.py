@@ -43,7 +43,8 @@ def test_url_encoded_secret_values(monkeypatch):
 @pytest.mark.parametrize("text, expected", [
     ("http://user:secret@host:5000/api", "http://user:***@host:5000/api"),
     ("https://alice:p@ss@mlflow.example.com", "https://alice:***@mlflow.example.com"),
-    ("see postgresql://u:pw@db/x and http://h2/?token=abc&x=1", "see postgresql://u:***@db/x and http://h2/?token=***&x=1"),
+    ("see postgresql://u:pw@db/x and http://h2/?token=abc&x=1",
+     "see postgresql://u:***@db/x and http://h2/?token=***&x=1"),
     ("https://s3/x?X-Amz-Signature=deadbeef&author=me", "https://s3/x?X-Amz-Signature=***&author=me"),
     ("Authorization: Bearer hf_abc.def", "Authorization: Bearer ***"),
     ("http://host:5000/path", "http://host:5000/path"),  # no credentials: unchanged
@@ -75,7 +76,8 @@ def test_log_filter_scrubs_message_arguments_and_traceback():
         record.exc_info = sys.exc_info()
     assert RedactingFilter().filter(record)
     text = logging.Formatter().format(record)
-    assert "pw123456" not in text and "http://u:***@h refused" in text and record.getMessage() == "uri http://u:***@h failed"
+    assert "pw123456" not in text and "http://u:***@h refused" in text
+    assert record.getMessage() == "uri http://u:***@h failed"
 
 
 def test_install_log_redaction_reaches_handlers_of_child_loggers(caplog):
