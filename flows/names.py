@@ -38,8 +38,17 @@ NEW_VERSION_SUFFIX = "-v9999"  # save.if_exists=new_version appends -v2, -v3, ..
 FLOW_RUN_ID_LENGTH = 36  # the default run_name: a Prefect flow run id (a UUID)
 
 
-def _line(param: str, value: object, rule: str, fix: str) -> str:
-    return f"{param}={_short(value)!r}: {rule}; {fix}."
+class Problem(str):
+    """One problem line, `<param>=<value>: <rule>; <fix>.`; `.detail` is the part after the value (for messages
+    whose frame already names the parameter and value, such as a pydantic field error)."""
+
+    detail: str
+
+
+def _line(param: str, value: object, rule: str, fix: str) -> Problem:
+    problem = Problem(f"{param}={_short(value)!r}: {rule}; {fix}.")
+    problem.detail = f"{rule}; {fix}."
+    return problem
 
 
 def _short(value: object, keep: int = 60) -> object:

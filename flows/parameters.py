@@ -47,8 +47,9 @@ class CredentialInUrlWarning(UserWarning):
 
 
 def _refuse(problem: Optional[str], value):
+    """A field validator's verdict: pydantic's error names the field and the value, so only the rule and the fix."""
     if problem:
-        raise ValueError(problem)
+        raise ValueError(getattr(problem, "detail", problem))
     return value
 
 
@@ -247,6 +248,6 @@ class SaveAdapterParameters(_Section):
         """Rules that need several values (flows/names.check_names); URL parameters with a password warn."""
         _warn_url_credentials(self.model_dump(mode="json"))
         if problems := names.check_names(self):
-            raise ValueError("\n  - ".join(["names that the receiving systems refuse:", *problems]))
+            raise ValueError("\n  - ".join(problems))  # each line names its parameter
         return self
 

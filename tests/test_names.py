@@ -56,7 +56,7 @@ def test_bad_names_are_parameter_errors(overrides, fragment):
     assert fragment in message
     param = overrides[0].split("=", 1)[0]
     line = next(line for line in message.splitlines() if fragment in line)
-    assert f"{param}=" in line and "; " in line  # names the parameter, the rule, then the fix
+    assert param in line and "; " in line  # names the parameter, the rule, then the fix
 
 
 def test_good_names_pass():
