@@ -16,7 +16,6 @@ import json
 import logging
 import mmap
 import os
-import re
 import tempfile
 import threading
 import time
@@ -26,6 +25,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from adapterflow import formats
 from adapterflow.model_card import PIPELINE_TAGS
+from adapterflow.redaction import redact_text, secret_values
 
 logger = logging.getLogger(__name__)
 
@@ -191,7 +191,7 @@ def push_adapter_folder(folder: str | os.PathLike, repo_id: str, *, token: str |
     api = HfApi(endpoint=endpoint, token=token)
     secrets = [s for s in (token, get_token()) if isinstance(s, str) and s]
     branch = revision or "main"
-    ctx = _Context(repo_id, branch if revision else None, api.endpoint, secrets, max_attempts, retry_delay)
+    ctx = _Context(repo_id, branch if revision else None, redact_text(api.endpoint), secrets, max_attempts, retry_delay)
     _refuse_folder_with_secret(folder, ctx)
     with _client_scope(timeout):
         ctx.repo_id = ctx.run("create repo", lambda: api.create_repo(repo_id, private=private, exist_ok=True)).repo_id
@@ -257,9 +257,7 @@ class _Context:
     retry_delay: float
 
     def scrub(self, text: str) -> str:
-        for secret in sorted(self.secrets, key=len, reverse=True):
-            text = text.replace(secret, "***")
-        return re.sub(r"(?i)\bbearer\s+[^\s'\"]+", "Bearer ***", text)
+        return redact_text(text, secret_values(self.secrets))  # tokens, URL passwords, Bearer headers
 
     def run(self, step: str, fn: Callable[[], Any]) -> Any:
         """fn(), retried on transient errors; errors leave as HubPushError without the original in the chain

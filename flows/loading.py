@@ -14,6 +14,7 @@ from typing import Any
 
 from adapterflow.flows.parameters import (BUILTIN_PREFIX, ParameterError, SaveAdapterParameters, is_local_reference,
                                           local_path)
+from adapterflow.redaction import redact_text
 
 _KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 
@@ -34,8 +35,8 @@ def load_parameters(config_file: str | None, overrides: list[str]) -> SaveAdapte
     try:
         return SaveAdapterParameters.model_validate(merge(data, given))
     except ValidationError as exc:
-        raise ParameterError("Invalid parameters:\n" + "\n".join(
-            f"  - {line}" for line in describe_validation_errors(exc, sources))) from None
+        raise ParameterError(redact_text("Invalid parameters:\n" + "\n".join(  # pydantic quotes the inputs
+            f"  - {line}" for line in describe_validation_errors(exc, sources)))) from None
 
 
 def read_config_file(config_file: str) -> tuple[dict, dict[str, int]]:

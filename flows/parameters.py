@@ -4,12 +4,15 @@ runs against its JSON schema before they start."""
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from adapterflow import LoraConfig
+from adapterflow.flows import names
+from adapterflow.redaction import redact_text, register_secret, url_password
 
 INIT_PATTERN = r"^(lora|gaussian|random|pissa|pissa_niter_[0-9]+)$"
 _INIT_TO_LORA = {"lora": True, "gaussian": "gaussian", "random": False}
@@ -39,6 +42,38 @@ def is_local_reference(value: str, base: Path) -> bool:
     return value.startswith(("/", "~", "./", "../")) or value in (".", "..") or (base / value).exists()
 
 
+class CredentialInUrlWarning(UserWarning):
+    """A URL parameter carries a password: Prefect stores flow parameters as given."""
+
+
+def _refuse(problem: Optional[str], value):
+    """A field validator's verdict: pydantic's error names the field and the value, so only the rule and the fix."""
+    if problem:
+        raise ValueError(getattr(problem, "detail", problem))
+    return value
+
+
+def _warn_url_credentials(data, path: str = "") -> None:
+    """Warn for each string parameter that is a URL with a password (and scrub that password from everything
+    adapterflow writes in this process)."""
+    if isinstance(data, dict):
+        for key, value in data.items():
+            _warn_url_credentials(value, f"{path}.{key}" if path else key)
+    elif isinstance(data, list):
+        for value in data:
+            _warn_url_credentials(value, path)
+    elif (password := url_password(data)) is not None:
+        register_secret(password)
+        hub = (" huggingface_hub's HTTP client also sends URL credentials as basic auth instead of the HF token."
+               if path == "hub.endpoint" else "")
+        warnings.warn(
+            f"{path}={redact_text(data)!r} carries a password. adapterflow redacts it from everything it writes, but "
+            f"Prefect stores flow parameters as given, so it is visible in the flow run's parameters. Pass "
+            f"credentials through environment variables instead (MLFLOW_TRACKING_USERNAME / "
+            f"MLFLOW_TRACKING_PASSWORD for MLflow, HF_TOKEN for the Hub) or a Prefect Secret block "
+            f"(hub.token_secret_block).{hub}", CredentialInUrlWarning, stacklevel=2)
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")  # a misspelt key is an error, not a silently ignored setting
 
@@ -55,7 +90,9 @@ class DatasetSettings(_Section):
 
 
 class AdapterSettings(_Section):
-    name: str = Field("default", pattern=r"^[A-Za-z0-9_-]+$", description="adapter name (a folder name for non-default)")
+    name: str = Field("default", pattern=r"^[A-Za-z0-9_-]+$",
+                      description="adapter name (a folder name for non-default): letters, digits, _ and -, at most "
+                                  "NAME_MAX - 40 bytes (215 on most file systems)")
     init: str = Field("pissa_niter_4", pattern=INIT_PATTERN,
                       description="lora | gaussian | random | pissa | pissa_niter_<K>")
     r: int = Field(8, ge=1, description="LoRA rank")
@@ -80,6 +117,11 @@ class AdapterSettings(_Section):
             layers_to_transform=self.layers_to_transform, layers_pattern=self.layers_pattern,
             base_model_name_or_path=base_model_name_or_path, task_type="CAUSAL_LM",
         )
+
+    @field_validator("name")
+    @classmethod
+    def _name_fits(cls, value: str) -> str:
+        return _refuse(names.name_length_problem(value, "adapter.name"), value)
 
 
 class TrainingParameters(_Section):
@@ -118,17 +160,30 @@ class VerifySettings(_Section):
 
 
 class HubSettings(_Section):
-    repo_id: Optional[str] = Field(None, description="Hub model repo (namespace/name) to push to; empty: no push")
+    repo_id: Optional[str] = Field(None, description="Hub model repo (namespace/name) to push to; empty: no push. "
+                                                     "Checked with huggingface_hub's validate_repo_id")
     private: Optional[bool] = Field(None, description="create the repo private (an existing repo keeps its setting)")
-    revision: Optional[str] = Field(None, description="branch to push to (created if missing); default: main")
-    tag: Optional[str] = Field(None, description="tag to put on the pushed commit")
-    endpoint: Optional[str] = Field(None, description="Hub endpoint; default: $HF_ENDPOINT, else huggingface.co")
+    revision: Optional[str] = Field(None, description="branch to push to (created if missing); default: main. A git "
+                                                      "branch name (git check-ref-format), not refs/... or a commit id")
+    tag: Optional[str] = Field(None, description="tag to put on the pushed commit (git check-ref-format rules)")
+    endpoint: Optional[str] = Field(None, description="Hub endpoint; default: $HF_ENDPOINT, else huggingface.co. No "
+                                                      "credentials in the URL: use HF_TOKEN or token_secret_block")
     token_secret_block: Optional[str] = Field(
         None, description="name of a Prefect Secret block holding the token; default: $HF_TOKEN")
     license: Optional[str] = Field(None, description="license in the model card, e.g. apache-2.0")
     datasets: Optional[list[str]] = Field(None, description="Hub dataset ids for the model card")
     tags: list[str] = Field(default_factory=list, description="extra model card tags")
     timeout_seconds: float = Field(120, gt=0, description="timeout of one Hub request")
+
+    @field_validator("repo_id")
+    @classmethod
+    def _valid_repo_id(cls, value: Optional[str]) -> Optional[str]:
+        return _refuse(names.hub_repo_id_problem(value), value)
+
+    @field_validator("revision", "tag")
+    @classmethod
+    def _valid_ref(cls, value: Optional[str], info) -> Optional[str]:
+        return _refuse(names.git_ref_problem(value, f"hub.{info.field_name}"), value)
 
 
 class MlflowSettings(_Section):
@@ -137,19 +192,40 @@ class MlflowSettings(_Section):
     enabled: bool = Field(True, description="record the run in MLflow; false skips the step")
     tracking_uri: Optional[str] = Field(
         None, description="tracking server (http://host:port) or store URI; default: $MLFLOW_TRACKING_URI, else "
-                          "sqlite:///<runs_root>/mlflow.db with artifacts in <runs_root>/mlartifacts")
-    experiment: str = Field("adapterflow", min_length=1, description="MLflow experiment name")
+                          "sqlite:///<runs_root>/mlflow.db with artifacts in <runs_root>/mlartifacts. No "
+                          "credentials in the URL: use MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD")
+    experiment: str = Field("adapterflow", min_length=1, description="MLflow experiment name (1-256 characters)")
     registered_model_name: Optional[str] = Field(
-        None, description="registered model to add a version to; default: <adapter name>-<base model name>, e.g. default-tiny-llama")
-    alias: Optional[str] = Field(None, description='alias to point at the new version, e.g. "candidate"')
+        None, description="registered model to add a version to; it also names the run's LoggedModel, so no / : . "
+                          "% \" ' and at most 256 characters. Default: <adapter name>-<base model> made MLflow-safe "
+                          "('/' -> '--', '.' -> '_', a local folder by its name) plus an 8-digit hash when that lost "
+                          "information, e.g. default-tiny-llama, default-Qwen--Qwen2_5-0_5B-9fc3a057")
+    alias: Optional[str] = Field(None, description='alias to point at the new version, e.g. "candidate": letters, '
+                                                   'digits, _ and -; not "latest" or v<N>')
     request_timeout_seconds: float = Field(10, gt=0, description="timeout of one HTTP request (whole seconds)")
     max_retries: int = Field(2, ge=0, description="MLflow's own retries of a failed HTTP request")
+
+    @field_validator("experiment")
+    @classmethod
+    def _valid_experiment(cls, value: str) -> str:
+        return _refuse(names.experiment_problem(value), value)
+
+    @field_validator("registered_model_name")
+    @classmethod
+    def _valid_model_name(cls, value: Optional[str]) -> Optional[str]:
+        return _refuse(names.registered_model_name_problem(value), value)
+
+    @field_validator("alias")
+    @classmethod
+    def _valid_alias(cls, value: Optional[str]) -> Optional[str]:
+        return _refuse(names.alias_problem(value), value)
 
 
 class SaveAdapterParameters(_Section):
     run_name: Optional[str] = Field(
         None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
-        description="names the run directory; a rerun with the same name resumes it (default: the flow run's id)")
+        description="names the run directory (and the MLflow run): at most 250 characters; a rerun with the same "
+                    "name resumes it (default: the flow run's id)")
     runs_root: str = Field(default_factory=lambda: os.environ.get("ADAPTERFLOW_RUNS_ROOT", "runs"),
                            description="where run directories go; default ./runs in the current directory, or "
                                        "$ADAPTERFLOW_RUNS_ROOT (relative paths: against the current directory)")
@@ -161,3 +237,17 @@ class SaveAdapterParameters(_Section):
     verify: VerifySettings = Field(default_factory=VerifySettings)
     mlflow: MlflowSettings = Field(default_factory=MlflowSettings)
     hub: HubSettings = Field(default_factory=HubSettings)
+
+    @field_validator("run_name")
+    @classmethod
+    def _run_name_fits(cls, value: Optional[str]) -> Optional[str]:
+        return _refuse(names.name_length_problem(value, "run_name", names.MLFLOW_RUN_NAME_MAX), value)
+
+    @model_validator(mode="after")
+    def _names_fit(self) -> "SaveAdapterParameters":
+        """Rules that need several values (flows/names.check_names); URL parameters with a password warn."""
+        _warn_url_credentials(self.model_dump(mode="json"))
+        if problems := names.check_names(self):
+            raise ValueError("\n  - ".join(problems))  # each line names its parameter
+        return self
+

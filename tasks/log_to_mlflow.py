@@ -1,4 +1,8 @@
-"""log-to-mlflow: record the run, its metrics and artifacts, and the adapter as a registered model in MLflow."""
+"""log-to-mlflow: record the run, its metrics and artifacts, and the adapter as a registered model in MLflow.
+
+Importing this module (the flow does) attaches adapterflow.redaction's log filter to Prefect's handlers, so
+no URL password or token reaches the Prefect logs; each run of the task attaches it again to handlers added since.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +10,16 @@ from prefect import task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.states import Completed
 
+from adapterflow.redaction import install_log_redaction
 from adapterflow.runtime.run_dir import read_json
 from adapterflow.flows.parameters import MlflowSettings, local_path
 from adapterflow.tasks.mlflow_logging import is_transient_mlflow_error, log_adapter_run
 from adapterflow.tasks.policy import RESULT_OPTIONS, is_transient, retry_options
 from adapterflow.tasks.prefect_links import flow_run_url
 from adapterflow.tasks.run_plan import RunPlan
+
+
+install_log_redaction()
 
 
 def _transient(exc: BaseException) -> bool:
@@ -26,6 +34,7 @@ def log_to_mlflow(plan: RunPlan, settings: MlflowSettings, saved: dict, verifica
 
     Idempotent: a retry finds the MLflow run and model version it created before, by the flow run id.
     """
+    install_log_redaction()
     if not settings.enabled:
         return Completed(name="Skipped", message="Skipped: MLflow logging is off (mlflow.enabled=false)", data={})
     runs_root = local_path(plan.parameters["runs_root"])
@@ -43,4 +52,4 @@ def log_to_mlflow(plan: RunPlan, settings: MlflowSettings, saved: dict, verifica
             f"MLflow run `{result['run_id']}`, model `{result['registered_model_name']}` version "
             f"{result['model_version']}, in `{result['tracking_uri']}`.\n\n"
             f"Browse it with `mlflow ui --backend-store-uri {result['tracking_uri']}`."))
-    return result
+    return result  # its URIs are redacted

@@ -8,8 +8,8 @@ base model + adapter -> text) registered as a new model version, optionally unde
 Retries are safe: the run, the model and the version are found again by their `prefect.flow_run_id` tag and only
 what is missing is logged, so a retried call creates no second run, model or version. Failures are bounded:
 MLflow's own HTTP retries and timeout come from the settings, and an unreachable server raises
-MlflowUnavailableError (a ConnectionError: transient) naming the tracking URI. `redact` keeps secrets out of
-params, tags and the JSON artifacts.
+MlflowUnavailableError (a ConnectionError: transient) naming the tracking URI. adapterflow.redaction keeps
+secrets (tokens, URL passwords) out of params, tags, the JSON artifacts, the returned URIs and error messages.
 """
 
 from __future__ import annotations
@@ -29,7 +29,9 @@ from typing import Any, Iterator, Optional
 from urllib.parse import quote, urlparse
 
 import adapterflow
+from adapterflow.flows.names import default_registered_model_name
 from adapterflow.flows.parameters import MlflowSettings
+from adapterflow.redaction import redact, redact_exception, redact_text
 
 FLOW_RUN_TAG = "prefect.flow_run_id"
 HUB_COMMIT_TAG = "hub.commit_url"
@@ -37,9 +39,6 @@ MODEL_CODE = Path(__file__).with_name("mlflow_adapter_model.py")
 PACKAGE_DIR = Path(adapterflow.__file__).parent  # the model's copy leaves out the pipeline and builtin data
 PACKAGE_IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc", "flows", "tasks", "*.jsonl")
 MAX_PARAM_CHARS = 500  # MLflow truncates past 6000 chars, then refuses the full value again on a retry
-SECRET_KEY = re.compile(r"token|secret|password|passwd|api[_-]?key|credential", re.IGNORECASE)
-SECRET_ENV_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|KEY", re.IGNORECASE)
-MIN_SECRET_LENGTH = 8  # shorter values of such variables ("false", "1") are settings, not secrets
 TRANSIENT_CODES = {"TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED", "DEADLINE_EXCEEDED", "ABORTED"}
 
 
@@ -78,24 +77,6 @@ def is_transient_mlflow_error(exc: BaseException) -> bool:
     return isinstance(status, int) and (status >= 500 or status in (408, 429))
 
 
-def redact(obj: Any, secrets: Optional[set[str]] = None) -> Any:
-    """A copy of `obj` (dicts, lists, strings, scalars) with secrets replaced by "***": values of keys that look
-    like token / secret / password / api_key, and every occurrence of a secret environment variable's value
-    (HF_TOKEN, HUGGING_FACE_HUB_TOKEN, any *TOKEN* / *SECRET* / *PASSWORD* / *KEY* variable of 8+ chars)."""
-    if secrets is None:
-        names = {"HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"} | {k for k in os.environ if SECRET_ENV_NAME.search(k)}
-        secrets = {os.environ[k] for k in names if len(os.environ.get(k, "")) >= MIN_SECRET_LENGTH}
-    if isinstance(obj, dict):
-        return {key: "***" if SECRET_KEY.search(str(key)) and value not in (None, "") else redact(value, secrets)
-                for key, value in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(redact(value, secrets) for value in obj)
-    if isinstance(obj, str):
-        for secret in sorted(secrets, key=len, reverse=True):
-            obj = obj.replace(secret, "***")
-    return obj
-
-
 def log_adapter_run(settings: MlflowSettings, *, runs_root: str | os.PathLike, run_dir: str | os.PathLike,
                     adapter_dir: str | os.PathLike, flow_run_id: str, flow_run_url: Optional[str], training: dict,
                     verification: dict, plan: dict) -> dict:
@@ -110,7 +91,8 @@ def log_adapter_run(settings: MlflowSettings, *, runs_root: str | os.PathLike, r
 
     Returns:
         {"run_id", "experiment_id", "tracking_uri", "run_url", "model_id", "model_uri", "registered_model_name",
-         "model_version", "model_version_url"}; the two URLs are None unless the tracking URI is http(s).
+         "model_version", "model_version_url"}; the two URLs are None unless the tracking URI is http(s). URIs
+        are redacted (no URL password): call resolve_tracking_uri again to reach the server.
 
     Raises:
         MlflowUnavailableError: the server is unreachable (after settings.max_retries retries) or keeps failing.
@@ -123,7 +105,7 @@ def log_adapter_run(settings: MlflowSettings, *, runs_root: str | os.PathLike, r
         raise ValueError(f"flow_run_id {flow_run_id!r} must be a plain id (letters, digits, _.:-)")
     uri, adapter_dir = resolve_tracking_uri(settings, runs_root), Path(adapter_dir)
     params, tags = redact(_params(plan)), redact(_run_tags(plan, flow_run_id, flow_run_url, training, verification))
-    name = settings.registered_model_name or _derived_model_name(plan)
+    name = settings.registered_model_name or _derived_model_name(plan)  # both valid: flows/names.py
     with _session(settings, uri):
         client = MlflowClient(uri, uri)
         experiment_id = _experiment_id(client, settings.experiment, uri, Path(runs_root).absolute())
@@ -144,8 +126,8 @@ def log_adapter_run(settings: MlflowSettings, *, runs_root: str | os.PathLike, r
                     contextlib.suppress(Exception):
                 client.set_terminated(run_id, "FAILED")  # best effort; a retry finds the run again and finishes it
             raise
-    web = uri.rstrip("/") if urlparse(uri).scheme in ("http", "https") else None
-    return {"run_id": run_id, "experiment_id": experiment_id, "tracking_uri": uri,
+    web = redact_text(uri).rstrip("/") if urlparse(uri).scheme in ("http", "https") else None
+    return {"run_id": run_id, "experiment_id": experiment_id, "tracking_uri": redact_text(uri),
             "run_url": f"{web}/#/experiments/{experiment_id}/runs/{run_id}" if web else None,
             "model_id": model.model_id, "model_uri": f"models:/{model.model_id}", "registered_model_name": name,
             "model_version": str(version.version),
@@ -306,10 +288,9 @@ def _run_tags(plan, flow_run_id, flow_run_url, training, verification) -> dict[s
 
 
 def _derived_model_name(plan: dict) -> str:
-    # The base model as the user named it ("builtin:tiny-llama" -> "tiny-llama"), not its cache folder.
+    # The base model as the user named it ("builtin:tiny-llama" -> "default-tiny-llama"), not its cache folder.
     given = plan.get("parameters", {}).get("base_model", {}).get("name_or_path") or plan["base_model_path"]
-    name = f"{plan.get('adapter_name', 'default')}-{Path(given.removeprefix('builtin:')).name}"
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-.") or "adapter"
+    return default_registered_model_name(plan.get("adapter_name", "default"), given)
 
 
 def _loss_figure(losses: list, adapter_name: str):
@@ -358,13 +339,14 @@ def _session(settings: MlflowSettings, uri: str) -> Iterator[None]:
         try:
             yield
         except Exception as exc:
+            redact_exception(exc)  # MLflow's messages quote the request URL, with any password in it
             if not is_transient_mlflow_error(exc):
                 raise
             cause = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
             raise MlflowUnavailableError(
-                f"MLflow tracking server {uri} is unreachable or failing ({cause}). Start the server (e.g. `mlflow "
-                f"server --host 127.0.0.1 --port 5000`), or unset MLFLOW_TRACKING_URI to log to the local sqlite "
-                f"store, or set mlflow.enabled=false to skip MLflow logging.") from exc
+                f"MLflow tracking server {redact_text(uri)} is unreachable or failing ({cause}). Start the server "
+                f"(e.g. `mlflow server --host 127.0.0.1 --port 5000`), or unset MLFLOW_TRACKING_URI to log to the "
+                f"local sqlite store, or set mlflow.enabled=false to skip MLflow logging.") from exc
         finally:
             mlflow.set_tracking_uri(saved_uris[0])
             mlflow.set_registry_uri(saved_uris[1])

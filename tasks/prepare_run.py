@@ -13,6 +13,7 @@ from adapterflow import formats
 from adapterflow.runtime.data import dataset_sha256
 from adapterflow.flows.parameters import SaveAdapterParameters, local_path
 from adapterflow.init_methods import is_pissa
+from adapterflow.redaction import redact
 from adapterflow.runtime.run_dir import RunDir, read_json, write_json
 from adapterflow.tasks.policy import RESULT_OPTIONS, RETRY_OPTIONS
 from adapterflow.tasks.run_plan import ParameterError, RunPlan, check_run, training_settings
@@ -45,7 +46,7 @@ def prepare_run(params: SaveAdapterParameters, run_name: str) -> RunPlan:
         parameters=params.model_dump(mode="json"),
     )
     run.root.mkdir(parents=True, exist_ok=True)
-    write_json(run.plan, plan.model_dump(mode="json"))
+    write_json(run.plan, redact(plan.model_dump(mode="json")))  # no token or URL password on disk
     get_run_logger().info("Run directory %s; %d training examples", run.root, checked.n_train)
     return plan
 

@@ -1,7 +1,8 @@
 """push-to-hub: publish the saved adapter (and a Hub model card) to a Hugging Face Hub model repo as one commit.
 
 Skipped (a Completed state named "Skipped") when no hub.repo_id is given. The token comes from a Prefect Secret
-block (hub.token_secret_block) or HF_TOKEN, and is never logged, returned or written anywhere.
+block (hub.token_secret_block) or HF_TOKEN, and is never logged, returned or written anywhere: a token from a
+block is registered with adapterflow.redaction, whose filter scrubs it (and URL passwords) from the logs.
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ from prefect.states import Completed
 
 from adapterflow import formats
 from adapterflow.hub import build_model_card, push_adapter_folder
+from adapterflow.redaction import install_log_redaction, redact_text, register_secret
 from adapterflow.runtime.run_dir import read_json
-from adapterflow.flows.parameters import HubSettings, MlflowSettings
-from adapterflow.tasks.mlflow_logging import set_hub_commit_tag
+from adapterflow.flows.parameters import HubSettings, MlflowSettings, local_path
+from adapterflow.tasks.mlflow_logging import resolve_tracking_uri, set_hub_commit_tag
 from adapterflow.tasks.policy import RESULT_OPTIONS, RETRY_OPTIONS
 from adapterflow.tasks.run_plan import RunPlan
 
@@ -26,6 +28,7 @@ def push_to_hub(plan: RunPlan, settings: HubSettings, mlflow_settings: MlflowSet
                 tracked: dict | None, flow_run_id: str):
     """Returns {"repo_id", "commit_url", "commit_oid", "created_commit"}; pushing identical files again makes no
     new commit and returns the existing one. {} (a "Skipped" state) without hub.repo_id."""
+    install_log_redaction()
     if not settings.repo_id:
         return Completed(name="Skipped", message="Skipped: no hub.repo_id given", data={})
     folder = _upload_folder(plan, settings, saved)
@@ -35,11 +38,13 @@ def push_to_hub(plan: RunPlan, settings: HubSettings, mlflow_settings: MlflowSet
         revision=settings.revision, tag=settings.tag, timeout=settings.timeout_seconds,
         commit_message=f"adapterflow: adapter '{plan.adapter_name}' from Prefect flow run {flow_run_id}{mlflow_note}",
     )
-    create_link_artifact(key="hub-commit", link=result.commit_url, link_text=f"{result.repo_id}@{result.commit_oid[:12]}")
-    if tracked:
-        set_hub_commit_tag(mlflow_settings, tracked["tracking_uri"], tracked["run_id"], result.commit_url,
+    commit_url = redact_text(result.commit_url)
+    create_link_artifact(key="hub-commit", link=commit_url, link_text=f"{result.repo_id}@{result.commit_oid[:12]}")
+    if tracked:  # the tracked URI is redacted: resolve the real one again
+        uri = resolve_tracking_uri(mlflow_settings, local_path(plan.parameters["runs_root"]))
+        set_hub_commit_tag(mlflow_settings, uri, tracked["run_id"], commit_url,
                            registered_model_name=tracked["registered_model_name"], model_version=tracked["model_version"])
-    return {"repo_id": result.repo_id, "commit_url": result.commit_url, "commit_oid": result.commit_oid,
+    return {"repo_id": result.repo_id, "commit_url": commit_url, "commit_oid": result.commit_oid,
             "created_commit": result.created_commit}
 
 
@@ -61,4 +66,6 @@ def _token(settings: HubSettings) -> str | None:
         return None  # huggingface_hub reads HF_TOKEN
     from prefect.blocks.system import Secret
 
-    return Secret.load(settings.token_secret_block).get()
+    token = Secret.load(settings.token_secret_block).get()
+    register_secret(token)  # no environment variable holds it: tell the scrubber
+    return token

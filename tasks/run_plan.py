@@ -19,6 +19,7 @@ from adapterflow.runtime.data import DatasetError, load_examples, split_examples
 from adapterflow.flows.parameters import (BUILTIN_PREFIX, ParameterError, SaveAdapterParameters, is_local_reference,
                                           local_path)
 from adapterflow.init_methods import is_randomized_pissa
+from adapterflow.redaction import redact_text
 from adapterflow.runtime.run_dir import RunDir
 from adapterflow.runtime.training import TrainingSettings
 
@@ -112,7 +113,8 @@ def check_run(params: SaveAdapterParameters) -> CheckedRun:
     problems += _folder_problems("runs_root", local_path(params.runs_root))
     problems += _combination_problems(params)
     if problems:
-        raise ParameterError("Invalid save-adapter parameters:\n" + "\n".join(f"  - {p}" for p in problems))
+        message = "Invalid save-adapter parameters:\n" + "\n".join(f"  - {p}" for p in problems)
+        raise ParameterError(redact_text(message))  # a base model URL may carry a password
     return CheckedRun(base_path, dataset, config, n_train, output_dir, device)
 
 

@@ -27,7 +27,7 @@ from adapterflow.runtime.base_models import load_base_model, resolve_base_model
 from servers import free_port
 from adapterflow.tasks import mlflow_logging
 from adapterflow.tasks.mlflow_logging import (MlflowSettings, MlflowUnavailableError, is_transient_mlflow_error,
-                                  log_adapter_run, redact, set_hub_commit_tag)
+                                  log_adapter_run, set_hub_commit_tag)
 
 STEPS = 40
 SECRET = "hf_secret_test_value"
@@ -289,21 +289,6 @@ def test_no_secret_in_params_tags_or_artifacts(tracking, mlflow_server, base_mod
     assert any(f.name == "parameters.json" for f in scanned) and any(f.name == "MLmodel" for f in scanned)
     assert [f for f in scanned if SECRET.encode() in f.read_bytes()] == []
     assert json.loads((files[0] / "parameters.json").read_text())["hub"]["token"] == "***"
-
-
-def test_redact():
-    secrets = {"hf_abcdefgh12345"}
-    data = {"hub": {"token": "x", "Api_Key": 3, "password": None, "repo": "me/r"}, "HF_TOKEN": "",
-            "urls": ["https://h/?t=hf_abcdefgh12345", ("hf_abcdefgh12345",)], "n": 1}
-    assert redact(data, secrets) == {"hub": {"token": "***", "Api_Key": "***", "password": None, "repo": "me/r"},
-                                     "HF_TOKEN": "", "urls": ["https://h/?t=***", ("***",)], "n": 1}
-
-
-def test_redact_reads_secret_environment_variables(monkeypatch):
-    monkeypatch.setenv("HUGGING_FACE_HUB_TOKEN", "hf_hub_token_value")
-    monkeypatch.setenv("MY_SERVICE_SECRET", "s3cr3t-value-long")
-    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")  # a setting, too short to be a secret
-    assert redact("a hf_hub_token_value b s3cr3t-value-long false") == "a *** b *** false"
 
 
 def test_transient_error_classification():
