@@ -252,11 +252,11 @@ def check_names(params) -> list[str]:
 
 
 def _builtin_names() -> set[str]:
-    """The builtin base model names (adapterflow/builtin/<name>.json; adapterflow.base_models.BUILTIN_MODELS
+    """The builtin base model names (adapterflow/runtime/builtin/<name>.json; adapterflow.runtime.base_models
     itself sits behind a transformers import)."""
-    import adapterflow
+    from adapterflow.runtime.data import BUILTIN_DIR
 
-    return {p.stem for p in (Path(adapterflow.__file__).parent / "builtin").glob("*.json")}
+    return {p.stem for p in BUILTIN_DIR.glob("*.json")}
 
 
 def _is_local(reference: str, cwd: Path) -> bool:

@@ -37,7 +37,7 @@ def local_path(path: str | os.PathLike) -> Path:
 def is_local_reference(value: str, base: Path) -> bool:
     """Whether a base-model (or dataset) reference names a local path rather than a Hub id or a builtin: it
     exists relative to `base`, or it is spelt as a path (absolute, `~`, `./`, `../`)."""
-    if value.startswith(BUILTIN_PREFIX):
+    if value.startswith(BUILTIN_PREFIX) or "://" in value:  # a builtin name or a URL
         return False
     return value.startswith(("/", "~", "./", "../")) or value in (".", "..") or (base / value).exists()
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from adapterflow.flows.cli import main
+from test_names import BAD_NAME_CASES
 
 ok_data = "\n".join(json.dumps({"prompt": f"Q{i}: ", "completion": f"answer number {i}"}) for i in range(30))
 FILES = {
@@ -107,6 +108,24 @@ def test_bad_input_is_one_clear_message(user_folder, capfd, arguments, fragments
     assert "Traceback" not in err and len(err.splitlines()) <= 6, err
     assert "Beginning flow run" not in err and "step 1/" not in err  # found before any flow or training started
     assert snapshot(user_folder) == before  # nothing written
+
+
+@pytest.mark.parametrize("overrides, fragment", BAD_NAME_CASES, ids=[" ".join(c[0]) for c in BAD_NAME_CASES])
+def test_bad_name_is_one_clear_message(user_folder, capfd, overrides, fragment):
+    """Every name that reaches MLflow, the Hub or the file system, refused before anything starts."""
+    before = snapshot(user_folder)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["run", *[part for override in overrides for part in ("--set", override)]])
+    err = capfd.readouterr().err
+    assert exit_info.value.code == 2 and fragment in err and "Traceback" not in err, err
+    assert "Beginning flow run" not in err and snapshot(user_folder) == before
+
+
+def test_a_base_model_url_is_refused_without_its_password(user_folder, capfd):
+    with pytest.raises(SystemExit):
+        main(["run", "--set", "base_model.name_or_path=https://alice:s3cret-pw@models.example/qwen"])
+    err = capfd.readouterr().err
+    assert "base_model.name_or_path" in err and "is a URL" in err and "s3cret-pw" not in err, err
 
 
 def test_every_problem_at_once(user_folder, capfd):

@@ -57,6 +57,9 @@ def resolve_base_model(name_or_path: str, cache_dir: str | os.PathLike | None = 
         FileNotFoundError: the folder does not exist or has no config.json, or a Hub repo id cannot be downloaded.
         NotADirectoryError: the path is a file.
     """
+    if "://" in name_or_path:
+        raise FileNotFoundError(f"Base model {name_or_path!r} is a URL; pass a local transformers model folder, a Hub "
+                                f"repo id (downloaded from HF_ENDPOINT) or one of {_builtin_names()}.")
     if name_or_path.startswith(BUILTIN_PREFIX):
         return _builtin(name_or_path[len(BUILTIN_PREFIX):], Path(cache_dir) if cache_dir else default_cache_dir())
     path = Path(name_or_path).expanduser()
