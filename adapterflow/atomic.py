@@ -62,16 +62,20 @@ def _write_all(fd: int, data: bytes) -> None:
 
 
 @contextlib.contextmanager
-def staged_directory(target: str | os.PathLike, keep: Callable[[Path], bool] = lambda rel: True) -> Iterator[Path]:
+def staged_directory(target: str | os.PathLike, keep: Callable[[Path], bool] = lambda rel: True,
+                     size_hint: int | None = None) -> Iterator[Path]:
     """Yield an empty staging folder; on normal exit its content atomically becomes `target`.
 
     Args:
         target: the directory to create or replace.
         keep: called with the path (relative to target) of each old entry the new content does not contain;
             False drops it (e.g. a stale weights file of the other format), True carries it over.
+        size_hint: bytes the new content needs, named in the error when the disk is full.
 
     Raises:
         ValueError: `target` exists and is not a directory.
+        OSError: a write failed; the message names `target` (never the hidden staging folder) and, for a full
+            disk, the bytes needed. The errno (and so the subclass, e.g. NotADirectoryError) is the OS's.
     """
     # realpath: "..", "." and symlinked folders name the real directory, which is what gets replaced.
     target = Path(os.path.realpath(target))
@@ -79,12 +83,31 @@ def staged_directory(target: str | os.PathLike, keep: Callable[[Path], bool] = l
         raise ValueError(f"Provided path ({target}) should be a directory, not a file")
     target.parent.mkdir(parents=True, exist_ok=True)
     _recover_interrupted(target)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}{_STAGING_MARK}{os.getpid()}-", dir=target.parent))
+    staging = None
     try:
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}{_STAGING_MARK}{os.getpid()}-", dir=target.parent))
         yield staging
         _commit(staging, target, keep)
+    except OSError as exc:
+        raise _error_naming_target(exc, staging, target, size_hint) from None
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _error_naming_target(exc: OSError, staging: Path | None, target: Path, size_hint: int | None) -> OSError:
+    """The same OS error, told about the user's folder: paths inside the staging folder become paths in target."""
+    where = target
+    for name in (exc.filename, exc.filename2):
+        if name is not None and staging is not None:
+            with contextlib.suppress(ValueError, TypeError):
+                where = target / Path(os.fsdecode(name)).relative_to(staging)
+                break
+    message = f"Could not save into {target}: {exc.strerror or exc} (writing {where})."
+    if exc.errno == errno.ENOSPC:
+        needed = f"about {size_hint:,d} bytes" if size_hint else "more space"
+        message += f" The disk is full: the save needs {needed} free next to {target}; free some space and save again."
+    return OSError(exc.errno, message) if exc.errno is not None else OSError(message)
 
 
 def _commit(staging: Path, target: Path, keep: Callable[[Path], bool]) -> None:

@@ -18,13 +18,11 @@ from torch import nn
 from adapterflow import formats
 from adapterflow.config import LoraConfig
 from adapterflow.layers import AdapterLayer, LoraLayer
+from adapterflow.serialization import AdapterLoadError
 from adapterflow.targeting import embedding_is_targeted
 
 SaveEmbeddingLayers = Union[bool, Literal["auto"]]
-
-
-class AdapterLoadError(ValueError):
-    """An adapter checkpoint that does not fit the model; the message lists every missing/unexpected key."""
+__all__ = ["AdapterLoadError", "get_adapter_state_dict", "match_checkpoint", "load_adapter_state_dict"]
 
 
 def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:
