@@ -237,6 +237,20 @@ class LoraConfig:
         )
 
 
+def check_config_type(config: object) -> None:
+    """Refuse anything but our LoraConfig (a dict, PEFT's LoraConfig, ...) before it is used.
+
+    Raises:
+        ConfigError: naming the type found and how to build a LoraConfig from it.
+    """
+    if not isinstance(config, LoraConfig):
+        raise ConfigError(
+            f"config must be an adapterflow.LoraConfig, got {type(config).__module__}.{type(config).__name__}. "
+            f"Build one with LoraConfig(r=..., target_modules=[...]), from a dict with LoraConfig.from_dict(d), "
+            f"or from a PEFT config with LoraConfig.from_dict(peft_config.to_dict())."
+        )
+
+
 def _warn_unknown_keys(data: dict, own: set[str]) -> None:
     """One warning listing the keys neither we nor PEFT 0.21 know (as PEFT's `check_kwargs` warns); they are kept."""
     known = own | set(formats.PEFT_FEATURE_KEYS) | set(formats.PEFT_INERT_KEYS) | set(formats.PEFT_METADATA_KEYS)
