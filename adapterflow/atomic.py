@@ -111,26 +111,38 @@ def _error_naming_target(exc: OSError, staging: Path | None, target: Path, size_
 
 
 def _commit(staging: Path, target: Path, keep: Callable[[Path], bool]) -> None:
+    """Publish staging as target. An error raised from here means target is as it was: a failed fsync of the
+    parent after the swap swaps back (the old content returns), so a failed save never reports new content."""
     staging.chmod(0o755)
     if not target.exists():
         fsync_tree(staging)
         os.rename(staging, target)
-        fsync_dir(target.parent)
+        _fsync_parent_or_undo(target, lambda: os.rename(target, staging))
         return
     _carry_over(target, staging, Path(), keep)
     fsync_tree(staging)
     cwd_inside = _cwd_relative_to(target)
+    swap = _exchange
     try:
         _exchange(staging, target)
     except OSError as exc:
         if exc.errno not in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EPERM):
             raise
-        _swap_with_backup(staging, target)
-    fsync_dir(target.parent)
+        swap = _swap_with_backup
+        swap(staging, target)
+    _fsync_parent_or_undo(target, lambda: swap(staging, target))
     if cwd_inside is not None:
         # The process' working directory was inside the old tree, which now sits at the staging path and is
         # about to be deleted; follow the path to the new tree instead.
         os.chdir(target / cwd_inside)
+
+
+def _fsync_parent_or_undo(target: Path, undo: Callable[[], None]) -> None:
+    try:
+        fsync_dir(target.parent)
+    except OSError:
+        undo()  # a second failure here propagates too; the next save then recovers what is left
+        raise
 
 
 def _carry_over(old_root: Path, new_root: Path, rel: Path, keep: Callable[[Path], bool]) -> None:
@@ -185,11 +197,21 @@ def _exchange(a: Path, b: Path) -> None:
 
 
 def _swap_with_backup(staging: Path, target: Path) -> None:
-    """Fallback where RENAME_EXCHANGE is unsupported: two renames; a crash between them is undone on next save."""
+    """Fallback where RENAME_EXCHANGE is unsupported: three renames; a crash between them is undone on the next
+    save, a failure (an OSError) at once, so that the error leaves the old content in place."""
     backup = target.parent / f".{target.name}{_BACKUP_MARK}{os.getpid()}"
     os.rename(target, backup)
-    os.rename(staging, target)
-    os.rename(backup, staging)  # the finally-clause of staged_directory deletes it
+    try:
+        os.rename(staging, target)
+    except OSError:
+        os.rename(backup, target)  # a failed (not crashed) save puts the old content back at once
+        raise
+    try:
+        os.rename(backup, staging)  # the finally-clause of staged_directory deletes it
+    except OSError:
+        os.rename(target, staging)
+        os.rename(backup, target)
+        raise
 
 
 def _recover_interrupted(target: Path) -> None:
