@@ -110,8 +110,9 @@ class AdapterModel(nn.Module):
 
         Args:
             model: the original base model.
-            path: the initial adapter folder, as saved right after get_adapter_model (its config still names
-                the PiSSA init; a folder whose config was rewritten by a conversion no longer does).
+            path: the initial adapter folder, as saved right after get_adapter_model (adapterflow's conversion
+                never rewrites it; one rewritten by PEFT's conversion says init_lora_weights true and loads as
+                plain LoRA, without the residual).
         """
         state, config = read_adapter(_adapter_folder(path, None))
         config.inference_mode = False
@@ -176,7 +177,15 @@ class AdapterModel(nn.Module):
         load_adapter_state_dict(pairs, state)
 
     def add_adapter(self, adapter_name: str, config: LoraConfig) -> None:
-        """Inject a new, initialised adapter; it stays inactive (and frozen) until `set_adapter(adapter_name)`."""
+        """Inject a new, initialised adapter; it stays inactive (and frozen) until `set_adapter(adapter_name)`.
+        The other adapters keep their outputs and trainability, the model its train/eval mode.
+
+        Raises:
+            ValueError: the name exists or is invalid.
+            adapterflow.config.ConfigError: config is not a LoraConfig, or the adapter would change the outputs
+                of the ones already there (bias training, PiSSA, modules_to_save over their LoRA layers).
+            adapterflow.targeting.TargetError: the config does not fit the model.
+        """
         if adapter_name in self.peft_config:
             raise ValueError(f"Adapter {adapter_name!r} already exists; delete it first or pick another name.")
         self._inject(adapter_name, config, initialize=True)
@@ -328,11 +337,13 @@ def get_adapter_model(model: nn.Module, config: LoraConfig,
     """Inject a LoRA adapter into `model` (modified in place) and return the AdapterModel wrapping it.
 
     Only the adapter's parameters (and its modules_to_save copies, and biases per `config.bias`) are trainable.
+    The model keeps its train/eval mode: new LoRA layers (and their dropout) follow the module they wrap.
 
     Raises:
         adapterflow.targeting.TargetError: target_modules matches nothing (the message lists the module names
             that exist) or matches a layer type LoRA does not support.
-        adapterflow.config.ConfigError: an invalid config.
+        adapterflow.config.ConfigError: an invalid config, or not a LoraConfig (e.g. a dict).
+        TypeError: model is not a torch.nn.Module.
     """
     return AdapterModel(model, config, adapter_name)
 

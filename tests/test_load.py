@@ -122,3 +122,18 @@ def test_load_adapter_adds_a_second_adapter(saved, load_base, input_ids):
     expected = logits(model, input_ids)
     model.set_adapter("copy")
     torch.testing.assert_close(logits(model, input_ids), expected)
+
+
+def test_unknown_config_keys_of_a_newer_peft_load_with_one_warning_and_round_trip(saved, load_base, tmp_path):
+    config = json.loads((saved / "adapter_config.json").read_text())
+    config.update({"future_flag": False, "future_settings": {"a": 1}})
+    (saved / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.warns(UserWarning) as record:
+        model = AdapterModel.from_pretrained(load_base(), saved)
+    messages = [str(w.message) for w in record if "does not know" in str(w.message)]
+    assert messages == ["adapter_config.json has keys adapterflow does not know: ['future_flag', 'future_settings']. "
+                        "They were probably written by a newer PEFT; they are ignored here and written back unchanged "
+                        "when the adapter is saved again."]
+    model.save_pretrained(tmp_path / "again")
+    written = json.loads((tmp_path / "again" / "adapter_config.json").read_text())
+    assert written["future_flag"] is False and written["future_settings"] == {"a": 1}
