@@ -198,8 +198,8 @@ class LoraConfig:
         """Read `adapter_config.json` from an adapter folder (or the file itself).
 
         Raises:
-            FileNotFoundError: no such file.
-            adapterflow.serialization.AdapterLoadError: the file cannot be read, is not JSON or is not a JSON object.
+            FileNotFoundError: no such file; OSError: the OS could not read it (as raised, so retries can tell).
+            adapterflow.serialization.AdapterLoadError: the file is not JSON or is not a JSON object.
             ConfigError: the values are invalid or switch on a PEFT feature we do not implement.
         """
         config_path = Path(path)
@@ -211,8 +211,8 @@ class LoraConfig:
                 f"(it holds {formats.CONFIG_NAME} and {formats.SAFETENSORS_WEIGHTS_NAME})."
             )
         try:
-            data = json.loads(config_path.read_bytes())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            data = json.loads(config_path.read_bytes())  # an OSError (EIO, EACCES) stays one: it may be transient
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise AdapterLoadError(
                 f"{config_path} is not readable JSON ({type(exc).__name__}: {exc}); re-save or re-download the adapter."
             ) from None

@@ -214,7 +214,7 @@ def read_weights(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read an adapter folder's weights onto the CPU.
 
     Raises:
-        FileNotFoundError: neither weights file exists.
+        FileNotFoundError: neither weights file exists; OSError: the OS could not read it (as raised).
         AdapterLoadError: the file is empty, truncated or corrupt, holds something other than a dict of tensors,
             or (.bin) pickled objects that a weights-only load refuses.
     """
@@ -225,7 +225,9 @@ def read_weights(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
     if path.name == formats.SAFETENSORS_WEIGHTS_NAME:
         try:
             return load_file(path, device="cpu")
-        except Exception as exc:  # safetensors raises its own SafetensorError (and OSError for I/O)
+        except OSError:
+            raise  # the OS could not read the file (EIO, EACCES): not the file's fault, and maybe transient
+        except Exception as exc:  # safetensors' own SafetensorError: the content is broken
             raise AdapterLoadError(
                 f"{path} ({size} bytes) is not a readable safetensors file ({exc}); it is truncated or corrupt. {_REDO}"
             ) from None
@@ -236,7 +238,7 @@ def read_weights(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
             f"{path} holds pickled Python objects besides tensors; it is refused for safety, because unpickling "
             f"them could run arbitrary code. Ask for the adapter as {formats.SAFETENSORS_WEIGHTS_NAME}."
         ) from None
-    except (RuntimeError, EOFError, OSError) as exc:
+    except (RuntimeError, EOFError) as exc:
         raise AdapterLoadError(
             f"{path} ({size} bytes) is not a readable PyTorch checkpoint ({str(exc).splitlines()[0][:120]}); it is "
             f"truncated or corrupt. {_REDO}"

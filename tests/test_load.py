@@ -137,3 +137,23 @@ def test_unknown_config_keys_of_a_newer_peft_load_with_one_warning_and_round_tri
     model.save_pretrained(tmp_path / "again")
     written = json.loads((tmp_path / "again" / "adapter_config.json").read_text())
     assert written["future_flag"] is False and written["future_settings"] == {"a": 1}
+
+
+def test_os_read_errors_stay_os_errors(saved, load_base, monkeypatch):
+    """EIO / EACCES are not the file's fault and may be transient: they reach the caller as OSError (retry
+    policies tell them apart), not as AdapterLoadError."""
+    import errno
+    import io
+    from pathlib import Path
+
+    real_open = io.open
+
+    def failing_open(file, *args, **kwargs):
+        if Path(str(file)).name == "adapter_config.json":
+            raise OSError(errno.EIO, "Input/output error", str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(io, "open", failing_open)
+    with pytest.raises(OSError, match="Input/output error") as info:
+        AdapterModel.from_pretrained(load_base(), saved)
+    assert not isinstance(info.value, AdapterLoadError)
