@@ -117,3 +117,15 @@ def test_the_integrity_check_works_from_the_state_dict_and_the_architecture(load
     assert "layers.1.mlp.down_proj: targeted but has no tensors" in message
     assert "layers.0.self_attn.v_proj.lora_A.weight: has no partner" in message
     assert "q_proj.lora_A.weight: contains NaN or Inf" in message
+
+
+def test_an_adapter_of_another_name_is_checkpointed_at_the_folder_root(load_base, tmp_path):
+    torch.manual_seed(0)
+    model = get_adapter_model(load_base(), LoraConfig(**LORA), adapter_name="task_a")
+    checkpoints = Checkpoints(tmp_path, adapter_name="task_a")
+    train(model, examples(), TrainingSettings(**{**SETTINGS, "steps": 2}), PAD, checkpoints)
+    assert (checkpoints.latest() / "adapter_model.safetensors").is_file()  # loadable as the folder itself
+    again = get_adapter_model(load_base(), LoraConfig(**LORA), adapter_name="task_a")
+    result = train(again, examples(), TrainingSettings(**{**SETTINGS, "steps": 2}), PAD, checkpoints)
+    assert result.resumed_from == 2
+    torch.testing.assert_close(again.state_dict(), model.state_dict(), atol=0, rtol=0)
