@@ -12,7 +12,7 @@ import peft
 from adapterflow import AdapterModel, LoraConfig, get_adapter_model, read_adapter
 from adapterflow.runtime.checkpoints import CheckpointError, Checkpoints
 from adapterflow.runtime.data import TokenizedExample
-from adapterflow.runtime.run_dir import adapter_modules
+from adapterflow.runtime.run_dir import RunDir, adapter_modules, build_adapter_model
 from adapterflow.runtime.training import TrainingSettings, train
 from adapterflow.verify import VerificationError, check_adapter_state
 from tiny import VOCAB
@@ -53,14 +53,11 @@ def test_a_checkpoint_is_a_peft_adapter_reproducing_the_training_model(load_base
     assert all(".default." not in key and key.startswith("base_model.model.") for key in state)  # PEFT's keys
 
 
-def test_a_pissa_checkpoint_loads_in_peft_on_the_residual_base(load_base, tmp_path, input_ids):
+def test_a_pissa_checkpoint_loads_in_peft_on_the_residual_base(load_base, base_dir, tmp_path, input_ids):
     """A PiSSA checkpoint's factors act on the residual W - s*B0@A0, which a randomized SVD would not recompute:
     PEFT reproduces the training model on that residual base, with the config's init switched to plain LoRA."""
-    config = {**LORA, "init_lora_weights": "pissa_niter_2"}
-    torch.manual_seed(0)
-    initial = get_adapter_model(load_base(), LoraConfig(**config))
-    initial.save_pretrained(tmp_path / "initial")
-    model = AdapterModel.from_initial_adapter(load_base(), tmp_path / "initial")
+    config = LoraConfig(**{**LORA, "init_lora_weights": "pissa_niter_2"})
+    model = build_adapter_model(base_dir, torch.float32, config, "default", RunDir(tmp_path), seed=0)  # writes initial/
     train(model, examples(), TrainingSettings(**SETTINGS), PAD, Checkpoints(tmp_path / "checkpoints"))
     residual = AdapterModel.from_initial_adapter(load_base(), tmp_path / "initial")
     for name, param in residual.named_parameters():
