@@ -97,7 +97,8 @@ def check_adapter_state(state: dict[str, torch.Tensor], adapted_modules: Iterabl
     problems += [f"{k}: has no partner {formats.lora_partner(k)}" for k in sorted(state)
                  if formats.lora_partner(k) is not None and formats.lora_partner(k) not in state]
     saved_modules = {formats.module_of_key(key) for key in state}
-    problems += [f"{m}: targeted but has no tensors in the state dict" for m in sorted(set(adapted_modules) - saved_modules)]
+    missing = sorted(set(adapted_modules) - saved_modules)
+    problems += [f"{m}: targeted but has no tensors in the state dict" for m in missing]
     if problems:
         report = VerificationReport("<extracted state>", len(state), float("nan"), 0.0, problems=problems)
         raise VerificationError("The extracted adapter is broken:\n" + "\n".join(f"  - {p}" for p in problems), report)

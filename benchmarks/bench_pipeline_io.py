@@ -87,7 +87,8 @@ class Counter:
 
     def report(self) -> dict:
         return {"base_model_weight_reads": len(self.base_reads),
-                "adapter_writes": sum(self.writes.values()), "adapter_writes_by_folder": dict(sorted(self.writes.items())),
+                "adapter_writes": sum(self.writes.values()),
+                "adapter_writes_by_folder": dict(sorted(self.writes.items())),
                 "adapter_reads": sum(self.reads.values()), "adapter_reads_by_folder": dict(sorted(self.reads.items()))}
 
 

@@ -52,7 +52,8 @@ def train_adapter(plan: RunPlan) -> dict:
         "eval_loss_before": eval_before, "eval_loss_after": eval_after, "tokens": result.tokens,
         "train_seconds": result.seconds, "tokens_per_second": result.tokens_per_second,
         "trainable_parameters": trainable, "total_parameters": total, "resumed_from": result.resumed_from,
-        "checkpoint": str(run.final_checkpoint(settings.steps)), "initial_adapter": str(run.initial) if run.initial.exists() else None,
+        "checkpoint": str(run.final_checkpoint(settings.steps)),
+        "initial_adapter": str(run.initial) if run.initial.exists() else None,
     }
     write_json(run.training_summary, summary)
     create_table_artifact(

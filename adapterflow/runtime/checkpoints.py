@@ -1,8 +1,8 @@
 """Training checkpoints that are PEFT adapters, with the optimizer state beside them.
 
-    <checkpoints>/step-000050/adapter_config.json        the adapter's config       } written by adapterflow's
+    <checkpoints>/step-000050/adapter_config.json        the adapter's config        } written by adapterflow's
     <checkpoints>/step-000050/adapter_model.safetensors  its tensors, PEFT's keys    } write_adapters: the folder
-    <checkpoints>/step-000050/README.md                  the model card              } loads in PeftModel.from_pretrained
+    <checkpoints>/step-000050/README.md                  the model card              } loads in from_pretrained
     <checkpoints>/step-000050/training_state.pt          optimizer, scheduler, RNG state (torch.save; read weights_only)
     <checkpoints>/step-000050/progress.json              step, loss history, tokens, seconds; present = complete
 
