@@ -7,15 +7,21 @@ import hashlib
 from prefect import task
 from prefect.artifacts import create_table_artifact
 
-from adapterflow import formats, read_adapter, write_adapters
+from adapterflow import formats, write_adapters
+from adapterflow.runtime.run_dir import final_adapter
 from adapterflow.tasks.policy import RESULT_OPTIONS, RETRY_OPTIONS
 from adapterflow.tasks.run_plan import RunPlan
 
 
 @task(name="save-adapter", **RETRY_OPTIONS, **RESULT_OPTIONS)
 def save_adapter(plan: RunPlan, source: dict) -> dict:
-    """Returns {"output_dir", "adapter_dir", "files": [{"name", "bytes", "sha256"}]}."""
-    state, config = read_adapter(source["path"])
+    """Write the adapter that `source` (the convert step's result) describes: the final checkpoint's, converted
+    against source["initial"] when that is set. The only write of the published adapter's tensors.
+
+    Returns:
+        {"output_dir", "adapter_dir", "files": [{"name", "bytes", "sha256"}], "converted"}.
+    """
+    state, config = final_adapter(source["path"], source.get("initial"))
     written = write_adapters(plan.output_dir, {plan.adapter_name: (state, config)}, plan.safe_serialization)
     files = [{"name": str(path.relative_to(plan.output_dir)), "bytes": path.stat().st_size,
               "sha256": hashlib.sha256(path.read_bytes()).hexdigest()} for path in written]
