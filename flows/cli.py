@@ -52,8 +52,10 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(130) from None
     except Exception as exc:  # noqa: BLE001 - the one place where errors become messages for the user
         if args.debug:
-            raise
-        _report(exc)
+            import traceback
+
+            traceback.print_exc()
+        _report(exc, debug=args.debug)
     _print_summary(summary)
 
 
@@ -115,7 +117,7 @@ class _NoTraceback:
         return getattr(self.inner, name)
 
 
-def _report(exc: BaseException) -> None:
+def _report(exc: BaseException, debug: bool = False) -> None:
     """One block on stderr: what is wrong and what to do, then exit 2 for a mistake in what the user gave, 1 for
     a run that failed otherwise."""
     from adapterflow.tasks.policy import is_user_error
@@ -124,8 +126,8 @@ def _report(exc: BaseException) -> None:
     if is_user_error(exc):
         print(f"adapterflow run: {text}", file=sys.stderr)
         raise SystemExit(USER_ERROR_EXIT)
-    print(f"adapterflow run failed: {type(exc).__name__}: {text}\n"
-          f"(rerun with --debug, or {DEBUG_ENV}=1, for the Python traceback)", file=sys.stderr)
+    hint = "" if debug else f"\n(rerun with --debug, or {DEBUG_ENV}=1, for the Python traceback)"
+    print(f"adapterflow run failed: {type(exc).__name__}: {text}{hint}", file=sys.stderr)
     raise SystemExit(FAILED_EXIT)
 
 

@@ -159,6 +159,8 @@ def describe_validation_errors(exc, sources: dict[str, str]) -> list[str]:
         message = error["msg"].removeprefix("Value error, ")
         if error["type"] == "extra_forbidden":
             message = "unknown parameter" + _did_you_mean(path)
+        elif error["type"] == "string_pattern_mismatch" and (help_text := _description(path)):
+            message = f"{message} ({help_text})"
         elif path in sources or "." in path:
             message = f"{message} (got {error['input']!r})" if not isinstance(error["input"], dict) else message
         described.setdefault(path, [])
@@ -168,14 +170,36 @@ def describe_validation_errors(exc, sources: dict[str, str]) -> list[str]:
 
 
 def _parameter_path(loc: tuple) -> str:
-    """('adapter', 'target_modules', 'list[str]', 0) -> 'adapter.target_modules': union branches and list
-    indexes are not parameters."""
-    parts = []
+    """('adapter', 'target_modules', 'list[str]', 0) -> 'adapter.target_modules': the longest prefix of `loc` that
+    names fields of the parameter model (union branches, list indexes and dict keys are not parameters); an unknown
+    key keeps its own name."""
+    parts: list[str] = []
+    model = SaveAdapterParameters
     for part in loc:
-        if not isinstance(part, str) or "[" in part or part in ("function-after", "function-before"):
+        fields = getattr(model, "model_fields", None)
+        if fields is None or not isinstance(part, str):
             break
         parts.append(part)
+        if part not in fields:
+            break
+        model = _section_model(fields[part].annotation)
     return ".".join(parts) or "parameters"
+
+
+def _section_model(annotation):
+    """The pydantic model class of a section field (None for plain values)."""
+    return annotation if hasattr(annotation, "model_fields") else None
+
+
+def _description(path: str) -> str | None:
+    *sections, name = path.split(".")
+    model = SaveAdapterParameters
+    for part in sections:
+        model = _section_model(model.model_fields[part].annotation) if part in model.model_fields else None
+        if model is None:
+            return None
+    field = model.model_fields.get(name)
+    return field.description if field is not None else None
 
 
 def _did_you_mean(path: str) -> str:
@@ -183,8 +207,8 @@ def _did_you_mean(path: str) -> str:
     model: Any = SaveAdapterParameters
     for part in section:
         field = model.model_fields.get(part)
-        model = getattr(field, "annotation", None) if field else None
-        if not hasattr(model, "model_fields"):
+        model = _section_model(field.annotation) if field else None
+        if model is None:
             return ""
     close = difflib.get_close_matches(name, list(model.model_fields), n=1)
     prefix = ".".join(section) + "." if section else ""

@@ -54,6 +54,7 @@ def temporary_prefect_api() -> Iterator[str]:
     """
     given = os.environ.get("PREFECT_API_URL")
     if given:
+        _check_reachable(given)
         yield given
         return
     server, url = _start_server(_log_path())
@@ -70,6 +71,29 @@ def temporary_prefect_api() -> Iterator[str]:
     finally:
         _restore_environ(saved)
         _stop(server)
+
+
+class PrefectApiUnreachable(ValueError):
+    """PREFECT_API_URL names a server that does not answer: a setting to fix, not a failure to retry."""
+
+    transient = False
+
+
+def _check_reachable(url: str, timeout: float = 10.0) -> None:
+    import urllib.request
+
+    from adapterflow.redaction import redact_text
+
+    try:
+        with urllib.request.urlopen(f"{url.rstrip('/')}/health", timeout=timeout) as response:
+            if response.status == 200:
+                return
+            reason = f"HTTP {response.status}"
+    except (OSError, ValueError) as exc:
+        reason = str(getattr(exc, "reason", exc))
+    raise PrefectApiUnreachable(
+        f"PREFECT_API_URL={redact_text(url)}: no Prefect API answers there ({redact_text(reason)}). Start the "
+        f"server (`prefect server start`), fix the URL, or unset PREFECT_API_URL to run on a temporary local one.")
 
 
 @contextlib.contextmanager

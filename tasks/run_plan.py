@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional, Union
@@ -113,7 +114,7 @@ def check_run(params: SaveAdapterParameters) -> CheckedRun:
     problems += _folder_problems("runs_root", local_path(params.runs_root))
     problems += _combination_problems(params)
     if problems:
-        message = "Invalid save-adapter parameters:\n" + "\n".join(f"  - {p}" for p in problems)
+        message = "Invalid parameters:\n" + "\n".join(f"  - {p}" for p in problems)
         raise ParameterError(redact_text(message))  # a base model URL may carry a password
     return CheckedRun(base_path, dataset, config, n_train, output_dir, device)
 
@@ -143,7 +144,13 @@ def _check(problems: list[str], parameter: str, step):
         return None
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
 def _tokenizer(load_tokenizer, base_path: Path):
+    if not any((base_path / name).is_file() for name in TOKENIZER_FILES):
+        raise FileNotFoundError(f"no tokenizer files ({', '.join(TOKENIZER_FILES)}) in {base_path}; save the model's "
+                                f"tokenizer into that folder too (tokenizer.save_pretrained(folder)).")
     try:
         return load_tokenizer(base_path)
     except (OSError, ValueError) as exc:
@@ -180,6 +187,10 @@ def _folder_problems(parameter: str, folder: Path) -> list[str]:
         return [f"{parameter} {folder}: {ancestor} is a file, so the folder cannot be created; pick another path."]
     if not os.access(ancestor, os.W_OK):
         return [f"{parameter} {folder} is not writable ({ancestor} is read-only for this user)."]
+    try:  # root passes os.access everywhere; /proc, read-only mounts and full disks only show when trying
+        os.rmdir(tempfile.mkdtemp(prefix=".adapterflow-probe-", dir=ancestor))
+    except OSError as exc:
+        return [f"{parameter} {folder}: cannot create folders in {ancestor} ({exc.strerror}); pick another path."]
     return []
 
 

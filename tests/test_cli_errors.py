@@ -59,7 +59,7 @@ CASES = [
     (["--set", "base_model.name_or_path=config-missing-model"], ["config-missing-model", "no config.json"]),
     (["--set", "base_model.name_or_path=a-file"], ["a-file", "is a file"]),
     (["--set", "base_model.name_or_path=builtin:gpt-7"], ["base_model.name_or_path", "builtin:gpt-7", "available"]),
-    (["--set", "base_model.name_or_path=no-tokenizer"], ["base_model.name_or_path", "no usable tokenizer"]),
+    (["--set", "base_model.name_or_path=no-tokenizer"], ["base_model.name_or_path", "no tokenizer files"]),
     (["--set", "adapter.target_modules=[nonexistent_proj]"], ["adapter.target_modules", "nonexistent_proj"]),
     (["--set", "training.max_seq_len=4"], ["training.max_seq_len=4", "raise training.max_seq_len"]),
     (["--set", "save.output_dir=a-file/adapter"], ["save.output_dir", "a-file", "is a file"]),
@@ -74,6 +74,11 @@ CASES = [
     (["--config", "latin1.yaml"], ["--config latin1.yaml, line 2", "not UTF-8"]),
     (["--config", "types.yaml"], ["training.steps (types.yaml, line 2)", "valid integer", "'many'"]),
     (["--config", "sub"], ["--config sub", "is a folder"]),
+    (["--set", "dataset.path=sub"], ["dataset.path", "is a folder"]),
+    (["--set", "save.output_dir=/proc/adapter"], ["save.output_dir", "cannot create folders in /proc"]),
+    (["--set", "base_model.name_or_path=not//valid"], ["base_model.name_or_path", "neither an existing folder"]),
+    (["--set", "run_name=../escape"], ["run_name", "names the run directory"]),
+    (["--set", "adapter.target_modules=5"], ["adapter.target_modules (--set adapter.target_modules=5)"]),
 ]
 
 
@@ -137,8 +142,18 @@ def test_every_problem_at_once(user_folder, capfd):
     assert all(word in err for word in ("dataset.path", "training.device=cuda", "adapter.target_modules")), err
 
 
-def test_debug_shows_the_traceback(user_folder, capfd):
-    from adapterflow.flows.parameters import ParameterError
-
-    with pytest.raises(ParameterError, match="adapter.r"):
+def test_debug_shows_the_traceback_and_keeps_the_exit_status(user_folder, capfd):
+    with pytest.raises(SystemExit) as exit_info:
         main(["run", "--debug", "--set", "adapter.r=0"])
+    err = capfd.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" in err and "ParameterError" in err and "adapter.r" in err
+
+
+def test_an_unreachable_prefect_api_is_named(user_folder, capfd, monkeypatch):
+    from servers import free_port
+
+    monkeypatch.setenv("PREFECT_API_URL", f"http://127.0.0.1:{free_port()}/api")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["run", "--set", "training.steps=1"])
+    err = capfd.readouterr().err
+    assert exit_info.value.code == 2 and "PREFECT_API_URL=" in err and "no Prefect API answers" in err, err

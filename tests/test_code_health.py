@@ -65,3 +65,23 @@ def _full_imports(path: Path) -> set[str]:
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             names.add(node.module)
     return names
+
+
+def test_every_package_is_installed():
+    """pyproject.toml lists the packages by hand (flows/ and tasks/ are mapped into the adapterflow namespace), so
+    a new subpackage must be added there, or a non-editable install silently lacks it."""
+    import tomllib
+
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    mapped = {folder: package for package, folder in setuptools.get("package-dir", {}).items()}
+    found = set()
+    for init in ROOT.glob("**/__init__.py"):
+        folder = init.parent.relative_to(ROOT)
+        top = folder.parts[0]
+        if top == "adapterflow":
+            found.add(".".join(folder.parts))
+        elif top in mapped:
+            found.add(".".join((mapped[top], *folder.parts[1:])))
+    assert set(setuptools["packages"]) == found
+    data = setuptools["package-data"]
+    assert all(package in found for package in data)

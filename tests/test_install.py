@@ -40,6 +40,11 @@ def test_non_editable_install_runs_from_any_folder(tmp_path):
                                          "import sysconfig; print(sysconfig.get_paths()['purelib'])"], text=True).strip())
     assert not (site / "flows").exists() and not (site / "tasks").exists()  # no generic top-level names
     assert (site / "adapterflow" / "flows" / "cli.py").is_file() and not (site / "adapterflow.egg-link").exists()
+    # In the project's own folder its adapterflow/ shadows the installed one (the current directory comes first on
+    # sys.path, as for `prefect deploy` there): the pipeline must still import.
+    in_source = subprocess.run([venv / "bin" / "python", "-c", "import adapterflow.flows.save_adapter"], cwd=source,
+                               capture_output=True, text=True, timeout=300)
+    assert in_source.returncode == 0, in_source.stderr[-2000:]
     package_before = _tree(site / "adapterflow")
 
     user = tmp_path / "my project"

@@ -72,8 +72,9 @@ def resolve_base_model(name_or_path: str, cache_dir: str | os.PathLike | None = 
         raise NotADirectoryError(f"Base model {path.resolve()} is a file; pass the model's folder instead.")
     if _HUB_ID.match(name_or_path) and not name_or_path.startswith("."):
         return _download(name_or_path)
-    raise FileNotFoundError(f"Base model folder {path.absolute()} does not exist; pass a local transformers model "
-                            f"folder or one of {_builtin_names()}.")
+    raise FileNotFoundError(f"Base model {name_or_path!r} is neither an existing folder ({path.absolute()} does not "
+                            f"exist) nor a Hub repo id (namespace/name); pass a local transformers model folder, a "
+                            f"Hub repo id or one of {_builtin_names()}.")
 
 
 def _download(repo_id: str) -> Path:

@@ -56,6 +56,8 @@ def load_examples(path: str | Path) -> list[Example]:
         DatasetError: an unsupported extension, malformed lines (all listed), or no example at all.
     """
     file = resolve_dataset(str(path))
+    if file.is_dir():
+        raise DatasetError(f"Dataset {file} is a folder; pass a .jsonl or .txt file.")
     if not file.is_file():
         raise FileNotFoundError(f"Dataset {file} not found; pass a .jsonl or .txt file (or builtin:instructions).")
     if file.suffix == ".txt":
@@ -104,7 +106,8 @@ def _read_jsonl(file: Path) -> list[Example]:
     if problems:
         shown = "\n".join(f"  - {p}" for p in problems[:10])
         more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
-        raise DatasetError(f"Dataset {file} has {len(problems)} malformed lines:\n{shown}{more}")
+        lines = "lines" if len(problems) > 1 else "line"
+        raise DatasetError(f"Dataset {file} has {len(problems)} malformed {lines}:\n{shown}{more}")
     return examples
 
 
