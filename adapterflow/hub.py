@@ -40,7 +40,7 @@ _PUSH_OPTIONS = ("endpoint", "tag", "commit_description", "timeout", "max_attemp
 
 class HubPushError(RuntimeError):
     """A push to the Hub failed. The message says what to fix; it never contains the token. Raised as one of the
-    subclasses below, whose second base tells generic retry policies (adapterflow.tasks.policy.is_transient) what `transient`
+    subclasses below, whose second base tells generic retry policies (adapterflow.tasks.retries.is_transient) what `transient`
     says: ConnectionError / TimeoutError when transient, ValueError when permanent.
 
     Attributes:

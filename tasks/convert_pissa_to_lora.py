@@ -11,7 +11,7 @@ from prefect.states import Completed
 
 from adapterflow import convert_pissa_to_lora, read_adapter, write_adapters
 from adapterflow.init_methods import is_pissa
-from adapterflow.tasks.policy import RESULT_OPTIONS, RETRY_OPTIONS
+from adapterflow.tasks.retries import RESULT_OPTIONS, RETRY_OPTIONS
 from adapterflow.tasks.run_plan import RunPlan
 
 

@@ -7,7 +7,7 @@ from prefect import task
 from adapterflow import get_adapter_state_dict, write_adapters
 from adapterflow.runtime.run_dir import load_trained_model
 from adapterflow.verify import check_extracted_state
-from adapterflow.tasks.policy import RESULT_OPTIONS, RETRY_OPTIONS
+from adapterflow.tasks.retries import RESULT_OPTIONS, RETRY_OPTIONS
 from adapterflow.tasks.run_plan import RunPlan
 
 

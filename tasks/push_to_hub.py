@@ -19,7 +19,7 @@ from adapterflow.redaction import install_log_redaction, redact_text, register_s
 from adapterflow.runtime.run_dir import read_json
 from adapterflow.flows.parameters import HubSettings, MlflowSettings, local_path
 from adapterflow.tasks.mlflow_logging import resolve_tracking_uri, set_hub_commit_tag
-from adapterflow.tasks.policy import RESULT_OPTIONS, RETRY_OPTIONS
+from adapterflow.tasks.retries import RESULT_OPTIONS, RETRY_OPTIONS
 from adapterflow.tasks.run_plan import RunPlan
 
 

@@ -8,7 +8,7 @@ from prefect import task
 from prefect.artifacts import create_table_artifact
 
 from adapterflow import formats, read_adapter, write_adapters
-from adapterflow.tasks.policy import RESULT_OPTIONS, RETRY_OPTIONS
+from adapterflow.tasks.retries import RESULT_OPTIONS, RETRY_OPTIONS
 from adapterflow.tasks.run_plan import RunPlan
 
 
