@@ -8,6 +8,7 @@ from prefect import task
 from prefect.artifacts import create_table_artifact
 
 from adapterflow import formats, read_adapter, write_adapters
+from adapterflow.tasks.model_card_inputs import card_info
 from adapterflow.tasks.retries import RESULT_OPTIONS, RETRY_OPTIONS
 from adapterflow.tasks.run_plan import RunPlan
 
@@ -16,7 +17,8 @@ from adapterflow.tasks.run_plan import RunPlan
 def save_adapter(plan: RunPlan, source: dict) -> dict:
     """Returns {"output_dir", "adapter_dir", "files": [{"name", "bytes", "sha256"}]}."""
     state, config = read_adapter(source["path"])
-    written = write_adapters(plan.output_dir, {plan.adapter_name: (state, config)}, plan.safe_serialization)
+    written = write_adapters(plan.output_dir, {plan.adapter_name: (state, config)}, plan.safe_serialization,
+                             card=card_info(plan))  # the README.md is the Hub's card: the push uploads this folder
     files = [{"name": str(path.relative_to(plan.output_dir)), "bytes": path.stat().st_size,
               "sha256": hashlib.sha256(path.read_bytes()).hexdigest()} for path in written]
     create_table_artifact(key="saved-files", table=files, description=f"Adapter files in {plan.output_dir}")

@@ -95,14 +95,15 @@ def assert_no_secret(error, *secrets):
 
 
 def test_push_round_trip_identical_files_and_logits(model, hub, load_base, input_ids, tmp_path):
-    constants.HF_HUB_DISABLE_XET = False  # the push forces the LFS path itself (this server has no Xet) ...
-    previous_factory = _http._GLOBAL_CLIENT_FACTORY
+    constants.HF_HUB_DISABLE_XET = False  # the push turns the LFS path on itself (this server has no Xet) ...
     try:
         result = push(model, hub, "tester/round-trip", commit_message="First adapter", tags=["demo"],
-                      license="apache-2.0", datasets=["tester/instructions"], training=TRAINING, private=True)
+                      license="apache-2.0", datasets=["tester/instructions"], training=TRAINING, private=True,
+                      timeout=42.0)
     finally:
         xet_after, constants.HF_HUB_DISABLE_XET = constants.HF_HUB_DISABLE_XET, True
-    assert xet_after is False and _http._GLOBAL_CLIENT_FACTORY is previous_factory  # ... and restores both
+    assert xet_after is True  # ... once per process, and the shared client carries the push's timeout
+    assert _http.get_session().timeout.read == 42.0 and _http.get_session().follow_redirects
     commits = hub.commits("tester/round-trip")
     assert [c["title"] for c in commits] == ["First adapter", "initial commit"]
     assert result == PushResult("tester/round-trip", f"{hub.url}/tester/round-trip/commit/{commits[0]['oid']}",
