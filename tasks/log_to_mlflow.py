@@ -13,7 +13,7 @@ from prefect.states import Completed
 from adapterflow.redaction import install_log_redaction
 from adapterflow.runtime.run_dir import read_json
 from adapterflow.flows.parameters import MlflowSettings, local_path
-from adapterflow.tasks.mlflow_logging import log_adapter_run
+from adapterflow.integrations.mlflow_logging import log_adapter_run
 from adapterflow.tasks.retries import RESULT_OPTIONS, RETRY_OPTIONS
 from adapterflow.tasks.prefect_links import flow_run_url
 from adapterflow.tasks.run_plan import RunPlan

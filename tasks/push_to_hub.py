@@ -17,7 +17,7 @@ from prefect.states import Completed
 from adapterflow.hub import push_adapter_folder
 from adapterflow.redaction import install_log_redaction, redact_text, register_secret
 from adapterflow.flows.parameters import HubSettings, MlflowSettings, local_path
-from adapterflow.tasks.mlflow_logging import resolve_tracking_uri, set_hub_commit_tag
+from adapterflow.integrations.mlflow_logging import resolve_tracking_uri, set_hub_commit_tag
 from adapterflow.tasks.retries import RESULT_OPTIONS, RETRY_OPTIONS
 from adapterflow.tasks.run_plan import RunPlan
 

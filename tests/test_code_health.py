@@ -43,8 +43,33 @@ def test_core_package_imports_only_torch_and_safetensors():
 
 
 def test_core_modules_never_import_prefect_or_mlflow():
+    """Only adapterflow/integrations/ talks to MLflow; nothing under adapterflow/ imports Prefect."""
     for path in (ROOT / "adapterflow").rglob("*.py"):
-        assert not imported_modules(path) & {"prefect", "mlflow"}, path
+        allowed = {"mlflow"} if "integrations" in path.relative_to(ROOT / "adapterflow").parts else set()
+        assert not imported_modules(path) & ({"prefect", "mlflow"} - allowed), path
+
+
+def test_the_integrations_do_not_import_prefect_or_the_pipeline_tasks():
+    for path in (ROOT / "adapterflow" / "integrations").glob("*.py"):
+        assert not {m for m in _full_imports(path) if m.split(".")[0] == "prefect"
+                    or m.startswith("adapterflow.tasks")}, path
+
+
+def test_one_retry_condition_for_every_task():
+    """tasks/retries.py's is_transient is the only retry condition: every task's retry_condition_fn is the
+    same function, and no task module defines its own classifier."""
+    import importlib
+
+    retries = importlib.import_module("adapterflow.tasks.retries")
+    from prefect import Task
+
+    tasks = [obj for path in sorted((ROOT / "tasks").glob("*.py"))
+             for obj in vars(importlib.import_module(f"adapterflow.tasks.{path.stem}")).values() if isinstance(obj, Task)]
+    assert len({t.name for t in tasks}) >= 8
+    assert {t.name for t in tasks if t.retry_condition_fn is not retries.retry_condition} == set()
+    for path in (ROOT / "tasks").glob("*.py"):
+        assert "def _transient" not in path.read_text() and "retry_condition_fn=" not in path.read_text().replace(
+            "retry_condition_fn=retry_condition", ""), path
 
 
 def test_adapter_library_does_not_import_the_runtime():

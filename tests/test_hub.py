@@ -331,7 +331,7 @@ def test_error_classification_and_pickling():
 
 
 def test_pipeline_retry_policy_agrees_with_transient(model, hub):
-    """tasks.policy.is_transient knows nothing of HubPushError; the error's second base class tells it."""
+    """tasks.retries.is_transient knows nothing of HubPushError; the error's second base class tells it."""
     is_transient = pytest.importorskip("adapterflow.tasks.retries").is_transient
     errors = []
     for fault, kwargs in (({"status": 503}, {"max_attempts": 1}), ({"status": None, "delay": 0.6}, {"timeout": 0.2}),
