@@ -12,7 +12,6 @@ them once per process, under a lock, and says why.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import mmap
 import os
@@ -24,6 +23,8 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from adapterflow import formats
+from adapterflow.hub_errors import (HubPushError, HubPushPermanentError, HubPushTimeout, HubPushTransientError,
+                                    classify, hub_error, is_transient_hub_error, retry_after_seconds)
 from adapterflow.model_card import build_model_card, read_configs
 from adapterflow.redaction import redact_text, secret_values
 
@@ -32,44 +33,10 @@ __all__ = ["HubPushError", "HubPushPermanentError", "HubPushTransientError", "Hu
 
 logger = logging.getLogger(__name__)
 
-TRANSIENT_STATUSES = frozenset({408, 412, 429, 500, 502, 503, 504})  # 412: the branch moved; retry on the new head
 _PUSH_LOCK = threading.Lock()  # one push at a time per process: a new timeout replaces the shared client
 _client_timeout: list = []  # the timeout of the client factory _configure_hub_client installed, if any
 _CARD_OPTIONS = ("license", "datasets", "training")
 _PUSH_OPTIONS = ("endpoint", "tag", "commit_description", "timeout", "max_attempts", "retry_delay")
-
-
-class HubPushError(RuntimeError):
-    """A push to the Hub failed. The message says what to fix; it never contains the token. Raised as one of the
-    subclasses below, whose second base tells generic retry policies (adapterflow.tasks.retries.is_transient) what `transient`
-    says: ConnectionError / TimeoutError when transient, ValueError when permanent.
-
-    Attributes:
-        transient: True when retrying may succeed (5xx, 408, 412, 429, timeouts, connection errors), False when
-            it cannot (401, 403, 404, other 4xx, an invalid card, a tag at another commit).
-        status: HTTP status of the failed request, or None. repo_id: the repository.
-        step: "create repo", "create branch", "upload", "tag" or "check folder".
-    """
-    transient = False
-
-    def __init__(self, message: str, *, status: int | None = None, repo_id: str | None = None,
-                 step: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.repo_id, self.step = status, repo_id, step
-
-
-class HubPushPermanentError(HubPushError, ValueError):
-    """A retry cannot help: fix the token, the repo_id, the revision, the card or the tag first."""
-
-
-class HubPushTransientError(HubPushError, ConnectionError):
-    """The Hub or the network failed (5xx, 408, 412, 429, connection errors): retrying later may work."""
-    transient = True
-
-
-class HubPushTimeout(HubPushError, TimeoutError):
-    """No answer within `timeout` (transient). The Hub may still apply a timed-out commit; a re-push is a no-op."""
-    transient = True
 
 
 @dataclass(frozen=True)
@@ -83,16 +50,6 @@ class PushResult:
     revision: str
     tag: str | None
     created_commit: bool
-
-
-def is_transient_hub_error(exc: BaseException) -> bool:
-    """True when retrying may fix `exc` (for a Prefect retry_condition_fn): HubPushError.transient, or for a raw
-    huggingface_hub / httpx2 error: 5xx, 408, 412, 429, timeouts and connection errors."""
-    if isinstance(exc, HubPushError):
-        return exc.transient
-    with contextlib.suppress(ImportError):
-        return bool((_classify(exc) or (False,))[0])
-    return False
 
 
 def push_adapter_folder(folder: str | os.PathLike, repo_id: str, *, token: str | None = None,
@@ -219,53 +176,16 @@ class _Context:
             except HubPushError as exc:
                 error, retry_after = exc, None
             except Exception as exc:
-                if (kind := _classify(exc)) is None:
+                if (kind := classify(exc)) is None:
                     raise
-                error, retry_after = self._error(exc, step, *kind), _retry_after(exc)
+                error = hub_error(exc, step, *kind, repo_id=self.repo_id, revision=self.revision,
+                                  endpoint=self.endpoint, scrub=self.scrub)
+                retry_after = retry_after_seconds(exc)
             if not error.transient or attempt == self.max_attempts:
                 raise error  # outside the except block: no __context__ pointing at the client's exception
             delay = max(min(self.retry_delay * 2 ** (attempt - 1), 30.0), min(retry_after or 0.0, 60.0))
             logger.warning("%s (attempt %d/%d); retrying in %.2f s.", error, attempt, self.max_attempts, delay)
             time.sleep(delay)
-
-    def _error(self, exc: BaseException, step: str, transient: bool, status: int | None) -> HubPushError:
-        import httpx2
-
-        detail = " ".join(self.scrub(getattr(exc, "server_message", None) or str(exc) or repr(exc)).split())[:500]
-        revision = f" and revision {self.revision!r}" if self.revision else ""
-        hints = {401: "the token is invalid or missing. Set HF_TOKEN (or pass token=) to a token with write scope.",
-                 403: f"the token lacks write access to {self.repo_id} (namespace {self.repo_id.split('/')[0]!r}). "
-                      f"Use a token with write scope for that namespace, or push to a namespace you own.",
-                 404: f"repository or revision not found: check repo_id {self.repo_id!r}{revision}."}
-        timed_out = isinstance(exc, (httpx2.TimeoutException, TimeoutError))
-        reason = f"HTTP {status}" if status else ("timed out" if timed_out else type(exc).__name__)
-        hint = hints.get(status, "retrying later may work." if transient else "retrying will not help.")
-        cls = HubPushTimeout if timed_out else HubPushTransientError if transient else HubPushPermanentError
-        return cls(f"Hub push failed ({reason}) during {step} of {self.repo_id} at {self.endpoint}: {hint} "
-                   f"({'Hub said' if status else 'error'}: {detail})", status=status, repo_id=self.repo_id, step=step)
-
-
-def _classify(exc: BaseException) -> tuple[bool, int | None] | None:
-    """(transient, HTTP status) of an error raised by the Hub client; None for errors that are not about the Hub."""
-    import httpx2
-    from huggingface_hub.errors import OfflineModeIsEnabled
-
-    status = getattr(getattr(exc, "response", None), "status_code", None)
-    if isinstance(exc, OfflineModeIsEnabled):
-        return False, None
-    if isinstance(status, int):
-        return status in TRANSIENT_STATUSES or status >= 500, status
-    if isinstance(exc, (httpx2.TimeoutException, httpx2.NetworkError, httpx2.RemoteProtocolError,
-                        ConnectionError, TimeoutError)):  # builtins.ConnectionError: raised by hf_xet
-        return True, None
-    if isinstance(exc, (httpx2.HTTPError, OSError, ValueError)):  # ValueError: e.g. invalid card metadata
-        return False, None
-    return None
-
-
-def _retry_after(exc: BaseException) -> float | None:
-    value = (getattr(getattr(exc, "response", None), "headers", None) or {}).get("Retry-After")
-    return float(value) if value and value.strip().isdigit() else None
 
 
 def _configure_hub_client(timeout: float | None) -> None:

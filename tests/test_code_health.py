@@ -11,7 +11,10 @@ import pytest
 ROOT = Path(__file__).parents[1]
 PACKAGES = ("adapterflow", "flows", "tasks")
 SOURCES = sorted(p for package in PACKAGES for p in (ROOT / package).rglob("*.py"))
-MAX_LINES = 400
+MAX_LINES = 300
+# Modules still over MAX_LINES, with the most they may have until they are split (owners: see issue #12).
+OVERSIZED = {"adapterflow/model.py": 330}
+MAX_FUNCTION_LINES = 60
 
 
 def imported_modules(path: Path) -> set[str]:
@@ -32,7 +35,26 @@ def test_no_runtime_import_of_peft(path):
 
 @pytest.mark.parametrize("path", SOURCES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_modules_stay_small(path):
-    assert len(path.read_text().splitlines()) <= MAX_LINES
+    limit = OVERSIZED.get(path.relative_to(ROOT).as_posix(), MAX_LINES)
+    assert len(path.read_text().splitlines()) <= limit
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_functions_stay_short(path):
+    """At most MAX_FUNCTION_LINES lines of code per function, its docstring not counted."""
+    long = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            if node.end_lineno - node.lineno + 1 - _docstring_lines(node) > MAX_FUNCTION_LINES:
+                long.append(node.name)
+    assert long == []
+
+
+def _docstring_lines(node) -> int:
+    if ast.get_docstring(node) is None:
+        return 0
+    first = node.body[0]
+    return first.end_lineno - first.lineno + 1
 
 
 def test_core_package_imports_only_torch_and_safetensors():

@@ -350,3 +350,10 @@ def test_import_adapterflow_does_not_import_the_hub_client():
             "print(sorted(m for m in ('huggingface_hub', 'httpx2', 'prefect', 'mlflow') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_a_folder_that_is_no_saved_adapter_is_refused_before_any_request(hub, tmp_path):
+    (tmp_path / "notes.txt").write_text("not an adapter")
+    with pytest.raises(FileNotFoundError, match="adapter_config.json .*not a saved adapter folder"):
+        push_adapter_folder(tmp_path, "tester/not-an-adapter", token=TOKEN, endpoint=hub.url)
+    assert hub.requests == []

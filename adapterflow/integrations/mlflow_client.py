@@ -80,7 +80,8 @@ def is_transient_mlflow_error(exc: BaseException) -> bool:
 @contextlib.contextmanager
 def tracking_client(settings, uri: str) -> Iterator:
     """An MlflowClient for `uri` (tracking and registry), with MLflow's HTTP retries and timeout from `settings`
-    (max_retries, request_timeout_seconds) and no progress bars, for the duration of the block.
+    (max_retries, request_timeout_seconds), no progress bars and no "View run <URL>" lines, for the duration of
+    the block.
 
     Raises (from the block):
         MlflowUnavailableError: a transient failure (see is_transient_mlflow_error), naming the URI and the fixes.
@@ -93,7 +94,8 @@ def tracking_client(settings, uri: str) -> Iterator:
     updates = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(settings.max_retries),
                "MLFLOW_HTTP_REQUEST_TIMEOUT": str(max(1, math.ceil(settings.request_timeout_seconds))),  # an int
                "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0.5",
-               "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+               "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+               "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}  # set_terminated prints the URL, password and all
     with _ENV_LOCK, _environment(updates):
         try:
             yield MlflowClient(uri, uri)

@@ -78,6 +78,7 @@ def _save_pyfunc(tmp: Path, model, run_id: str, adapter_dir: Path, plan: dict) -
     from mlflow.models import Model
 
     local = tmp / "model"
+    adapter = _copy_files(adapter_dir, tmp / "adapter")
     mlflow_model = Model(artifact_path=model.artifact_location, model_uuid=model.model_id, run_id=run_id,
                          model_id=model.model_id)
     with warnings.catch_warnings():
@@ -85,13 +86,24 @@ def _save_pyfunc(tmp: Path, model, run_id: str, adapter_dir: Path, plan: dict) -
         warnings.filterwarnings("ignore", message=".*input example was not provided", category=UserWarning)
         mlflow.pyfunc.save_model(
             path=str(local), mlflow_model=mlflow_model, python_model=str(MODEL_CODE),
-            artifacts={"adapter": str(adapter_dir)}, code_paths=[str(_code_package(tmp))],
+            artifacts={"adapter": str(adapter)}, code_paths=[str(_code_package(tmp))],
             pip_requirements=_pip_requirements(), signature=_signature(),
             model_config=redact({"base_model_path": plan["base_model_path"],
                                  "adapter_name": plan.get("adapter_name", "default")}))
     for cache in list(local.rglob("__pycache__")):  # save_model imports the code to check it
         shutil.rmtree(cache, ignore_errors=True)
     return local
+
+
+def _copy_files(source: Path, target: Path) -> Path:
+    """Copy a folder file by file. Read here, not by MLflow: MLflow's copy turns an I/O error into a plain
+    MlflowException without its errno, and shutil.copytree into shutil.Error (errno None), so a transient EIO
+    would look permanent; shutil.copyfile raises the OSError itself, which the retry condition classifies."""
+    for path in sorted(source.rglob("*")):
+        if path.is_file():
+            (target / path.relative_to(source)).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, target / path.relative_to(source))
+    return target
 
 
 def _code_package(tmp: Path) -> Path:
