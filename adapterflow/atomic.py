@@ -62,16 +62,20 @@ def _write_all(fd: int, data: bytes) -> None:
 
 
 @contextlib.contextmanager
-def staged_directory(target: str | os.PathLike, keep: Callable[[Path], bool] = lambda rel: True) -> Iterator[Path]:
+def staged_directory(target: str | os.PathLike, keep: Callable[[Path], bool] = lambda rel: True,
+                     size_hint: int | None = None) -> Iterator[Path]:
     """Yield an empty staging folder; on normal exit its content atomically becomes `target`.
 
     Args:
         target: the directory to create or replace.
         keep: called with the path (relative to target) of each old entry the new content does not contain;
             False drops it (e.g. a stale weights file of the other format), True carries it over.
+        size_hint: bytes the new content needs, named in the error when the disk is full.
 
     Raises:
         ValueError: `target` exists and is not a directory.
+        OSError: a write failed; the message names `target` (never the hidden staging folder) and, for a full
+            disk, the bytes needed. The errno (and so the subclass, e.g. NotADirectoryError) is the OS's.
     """
     # realpath: "..", "." and symlinked folders name the real directory, which is what gets replaced.
     target = Path(os.path.realpath(target))
@@ -79,35 +83,66 @@ def staged_directory(target: str | os.PathLike, keep: Callable[[Path], bool] = l
         raise ValueError(f"Provided path ({target}) should be a directory, not a file")
     target.parent.mkdir(parents=True, exist_ok=True)
     _recover_interrupted(target)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}{_STAGING_MARK}{os.getpid()}-", dir=target.parent))
+    staging = None
     try:
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}{_STAGING_MARK}{os.getpid()}-", dir=target.parent))
         yield staging
         _commit(staging, target, keep)
+    except OSError as exc:
+        raise _error_naming_target(exc, staging, target, size_hint) from None
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _error_naming_target(exc: OSError, staging: Path | None, target: Path, size_hint: int | None) -> OSError:
+    """The same OS error, told about the user's folder: paths inside the staging folder become paths in target."""
+    where = target
+    for name in (exc.filename, exc.filename2):
+        if name is not None and staging is not None:
+            with contextlib.suppress(ValueError, TypeError):
+                where = target / Path(os.fsdecode(name)).relative_to(staging)
+                break
+    message = f"Could not save into {target}: {exc.strerror or exc} (writing {where})."
+    if exc.errno == errno.ENOSPC:
+        needed = f"about {size_hint:,d} bytes" if size_hint else "more space"
+        message += f" The disk is full: the save needs {needed} free next to {target}; free some space and save again."
+    return OSError(exc.errno, message) if exc.errno is not None else OSError(message)
 
 
 def _commit(staging: Path, target: Path, keep: Callable[[Path], bool]) -> None:
+    """Publish staging as target. An error raised from here means target is as it was: a failed fsync of the
+    parent after the swap swaps back (the old content returns), so a failed save never reports new content."""
     staging.chmod(0o755)
     if not target.exists():
         fsync_tree(staging)
         os.rename(staging, target)
-        fsync_dir(target.parent)
+        _fsync_parent_or_undo(target, lambda: os.rename(target, staging))
         return
     _carry_over(target, staging, Path(), keep)
     fsync_tree(staging)
     cwd_inside = _cwd_relative_to(target)
+    swap = _exchange
     try:
         _exchange(staging, target)
     except OSError as exc:
         if exc.errno not in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EPERM):
             raise
-        _swap_with_backup(staging, target)
-    fsync_dir(target.parent)
+        swap = _swap_with_backup
+        swap(staging, target)
+    _fsync_parent_or_undo(target, lambda: swap(staging, target))
     if cwd_inside is not None:
         # The process' working directory was inside the old tree, which now sits at the staging path and is
         # about to be deleted; follow the path to the new tree instead.
         os.chdir(target / cwd_inside)
+
+
+def _fsync_parent_or_undo(target: Path, undo: Callable[[], None]) -> None:
+    try:
+        fsync_dir(target.parent)
+    except OSError:
+        undo()  # a second failure here propagates too; the next save then recovers what is left
+        raise
 
 
 def _carry_over(old_root: Path, new_root: Path, rel: Path, keep: Callable[[Path], bool]) -> None:
@@ -162,11 +197,21 @@ def _exchange(a: Path, b: Path) -> None:
 
 
 def _swap_with_backup(staging: Path, target: Path) -> None:
-    """Fallback where RENAME_EXCHANGE is unsupported: two renames; a crash between them is undone on next save."""
+    """Fallback where RENAME_EXCHANGE is unsupported: three renames; a crash between them is undone on the next
+    save, a failure (an OSError) at once, so that the error leaves the old content in place."""
     backup = target.parent / f".{target.name}{_BACKUP_MARK}{os.getpid()}"
     os.rename(target, backup)
-    os.rename(staging, target)
-    os.rename(backup, staging)  # the finally-clause of staged_directory deletes it
+    try:
+        os.rename(staging, target)
+    except OSError:
+        os.rename(backup, target)  # a failed (not crashed) save puts the old content back at once
+        raise
+    try:
+        os.rename(backup, staging)  # the finally-clause of staged_directory deletes it
+    except OSError:
+        os.rename(target, staging)
+        os.rename(backup, target)
+        raise
 
 
 def _recover_interrupted(target: Path) -> None:

@@ -10,8 +10,10 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import os
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
@@ -19,6 +21,7 @@ from typing import Any, Union
 from adapterflow import formats
 from adapterflow.atomic import write_file_atomic
 from adapterflow.init_methods import parse_init_method
+from adapterflow.serialization import AdapterLoadError
 
 BIAS_OPTIONS = ("none", "all", "lora_only")
 # PEFT task types whose PeftModel subclass adds no modules of its own (SEQ_CLS silently adds the classifier head
@@ -91,10 +94,14 @@ class LoraConfig:
         problems = []
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
             problems.append(f"r must be a positive integer, got {self.r!r}.")
-        if not isinstance(self.lora_alpha, (int, float)) or isinstance(self.lora_alpha, bool):
-            problems.append(f"lora_alpha must be a number, got {self.lora_alpha!r}.")
-        if not isinstance(self.lora_dropout, (int, float)) or not 0.0 <= self.lora_dropout < 1.0:
+        if not _is_finite_number(self.lora_alpha):
+            problems.append(f"lora_alpha must be a finite number, got {self.lora_alpha!r} (NaN or inf makes every "
+                            f"output NaN).")
+        if not _is_finite_number(self.lora_dropout) or not 0.0 <= self.lora_dropout < 1.0:
             problems.append(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}.")
+        for flag in ("fan_in_fan_out", "use_rslora", "inference_mode"):
+            if not isinstance(getattr(self, flag), bool):
+                problems.append(f"{flag} must be True or False, got {getattr(self, flag)!r}.")
         if self.bias not in BIAS_OPTIONS:
             problems.append(f"bias must be one of {list(BIAS_OPTIONS)}, got {self.bias!r}.")
         if self.peft_type != formats.PEFT_TYPE_LORA:
@@ -144,7 +151,10 @@ class LoraConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "LoraConfig":
         """Build a config from adapter_config.json content; unknown keys are kept, unsupported features refused."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"adapter_config.json must hold a JSON object, got {type(data).__name__}: {data!r:.80}.")
         own = {f.name for f in dataclasses.fields(cls)} - {"extra_fields"}
+        _warn_unknown_keys(data, own)
         problems = []
         for key, default in formats.PEFT_FEATURE_KEYS.items():
             value = data.get(key, default)
@@ -185,7 +195,13 @@ class LoraConfig:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> "LoraConfig":
-        """Read `adapter_config.json` from an adapter folder (or the file itself)."""
+        """Read `adapter_config.json` from an adapter folder (or the file itself).
+
+        Raises:
+            FileNotFoundError: no such file; OSError: the OS could not read it (as raised, so retries can tell).
+            adapterflow.serialization.AdapterLoadError: the file is not JSON or is not a JSON object.
+            ConfigError: the values are invalid or switch on a PEFT feature we do not implement.
+        """
         config_path = Path(path)
         if config_path.is_dir():
             config_path = config_path / formats.CONFIG_NAME
@@ -195,9 +211,16 @@ class LoraConfig:
                 f"(it holds {formats.CONFIG_NAME} and {formats.SAFETENSORS_WEIGHTS_NAME})."
             )
         try:
-            data = json.loads(config_path.read_text())
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{config_path} is not valid JSON ({exc}); re-save the adapter.") from exc
+            data = json.loads(config_path.read_bytes())  # an OSError (EIO, EACCES) stays one: it may be transient
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise AdapterLoadError(
+                f"{config_path} is not readable JSON ({type(exc).__name__}: {exc}); re-save or re-download the adapter."
+            ) from None
+        if not isinstance(data, dict):
+            raise AdapterLoadError(
+                f"{config_path} holds a JSON {type(data).__name__} ({json.dumps(data)[:60]}), not an object of "
+                f"LoRA settings; re-save or re-download the adapter."
+            )
         return cls.from_dict(data)
 
     def for_saving(self) -> "LoraConfig":
@@ -212,6 +235,36 @@ class LoraConfig:
             _pattern_value(self.rank_pattern, module_name, self.r),
             _pattern_value(self.alpha_pattern, module_name, self.lora_alpha),
         )
+
+
+def check_config_type(config: object) -> None:
+    """Refuse anything but our LoraConfig (a dict, PEFT's LoraConfig, ...) before it is used.
+
+    Raises:
+        ConfigError: naming the type found and how to build a LoraConfig from it.
+    """
+    if not isinstance(config, LoraConfig):
+        raise ConfigError(
+            f"config must be an adapterflow.LoraConfig, got {type(config).__module__}.{type(config).__name__}. "
+            f"Build one with LoraConfig(r=..., target_modules=[...]), from a dict with LoraConfig.from_dict(d), "
+            f"or from a PEFT config with LoraConfig.from_dict(peft_config.to_dict())."
+        )
+
+
+def _warn_unknown_keys(data: dict, own: set[str]) -> None:
+    """One warning listing the keys neither we nor PEFT 0.21 know (as PEFT's `check_kwargs` warns); they are kept."""
+    known = own | set(formats.PEFT_FEATURE_KEYS) | set(formats.PEFT_INERT_KEYS) | set(formats.PEFT_METADATA_KEYS)
+    unknown = sorted(k for k in data if k not in known)
+    if unknown:
+        warnings.warn(
+            f"adapter_config.json has keys adapterflow does not know: {unknown}. They were probably written by a "
+            f"newer PEFT; they are ignored here and written back unchanged when the adapter is saved again.",
+            stacklevel=3,
+        )
+
+
+def _is_finite_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _pattern_value(pattern: dict, module_name: str, default):
@@ -239,8 +292,8 @@ def _module_list_problems(name: str, value) -> list[str]:
 def _pattern_problems(name: str, pattern, value_type) -> list[str]:
     if not isinstance(pattern, dict):
         return [f"{name} must be a dict of module-name regex -> value, got {pattern!r}."]
-    bad = {k: v for k, v in pattern.items() if isinstance(v, bool) or not isinstance(v, value_type) or v <= 0}
-    return [f"{name} values must be positive numbers, got {bad!r}."] if bad else []
+    bad = {k: v for k, v in pattern.items() if not isinstance(v, value_type) or not _is_finite_number(v) or v <= 0}
+    return [f"{name} values must be positive finite numbers, got {bad!r}."] if bad else []
 
 
 def _is_int_or_int_list(value) -> bool:

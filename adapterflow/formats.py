@@ -70,6 +70,8 @@ PEFT_INERT_KEYS = {
     "megatron_core": "megatron.core",
     "qalora_group_size": 16,
 }
+# Keys PEFT writes as pure metadata of the file (kept verbatim, never warned about).
+PEFT_METADATA_KEYS = ("peft_version",)
 PEFT_TYPE_LORA = "LORA"
 
 

@@ -84,6 +84,7 @@ class LoraLayer(AdapterLayer):
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
+        self.training = base_layer.training  # a wrapper is in the mode of what it wraps (eval stays eval)
         self.base_layer = base_layer
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
@@ -154,6 +155,7 @@ class LoraLinear(LoraLayer):
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
+        self.lora_A.training = self.lora_B.training = self.lora_dropout.training = self.training
 
     def _create_tensors(self, adapter: str, r: int, lora_dropout: float) -> None:
         kwargs: dict[str, Any] = {"bias": False, "device": self.base_weight_matrix().device, "dtype": self.adapter_dtype()}
@@ -161,6 +163,9 @@ class LoraLinear(LoraLayer):
         self.lora_A[adapter] = nn.utils.skip_init(nn.Linear, self.in_features, r, **kwargs)
         self.lora_B[adapter] = nn.utils.skip_init(nn.Linear, r, self.out_features, **kwargs)
         self.lora_dropout[adapter] = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self.lora_A[adapter].train(self.training)
+        self.lora_B[adapter].train(self.training)
+        self.lora_dropout[adapter].train(self.training)  # no live dropout in a model set up for evaluation
 
     def restore_pissa_residual(self, adapter: str) -> None:
         subtract_factors_from_base(self, adapter)
@@ -202,6 +207,7 @@ class LoraEmbedding(LoraLayer):
         super().__init__(base_layer)
         self.lora_embedding_A = nn.ParameterDict()
         self.lora_embedding_B = nn.ParameterDict()
+        self.lora_embedding_A.training = self.lora_embedding_B.training = self.training
 
     def _create_tensors(self, adapter: str, r: int, lora_dropout: float) -> None:
         # PEFT creates no dropout for embeddings (dropping token ids makes no sense), so lora_dropout is ignored.
@@ -249,8 +255,10 @@ class ModulesToSaveWrapper(AdapterLayer):
 
     def __init__(self, module: nn.Module) -> None:
         super().__init__()
+        self.training = module.training
         self.original_module = module
         self.modules_to_save = nn.ModuleDict()
+        self.modules_to_save.training = self.training  # the copies (deepcopy) keep the original's mode
 
     def add_adapter(self, adapter: str) -> None:
         self.modules_to_save[adapter] = copy.deepcopy(self.original_module)

@@ -22,9 +22,11 @@ from adapterflow.inject import inject_adapter, replace_module, unwrapped
 from adapterflow.layers import AdapterLayer, LoraLayer
 from adapterflow.save import read_adapter, resolve_conversion_path, save_adapter_model
 from adapterflow.state_dict import (
+    AdapterLoadError,
     SaveEmbeddingLayers,
     adapter_layers,
     bias_parameters,
+    changed_base_tensors,
     load_adapter_state_dict,
     match_checkpoint,
 )
@@ -51,13 +53,17 @@ class AdapterModel(nn.Module):
     def __init__(self, model: nn.Module, config: LoraConfig, adapter_name: str = formats.DEFAULT_ADAPTER_NAME,
                  *, initialize: bool = True) -> None:
         super().__init__()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module (e.g. a transformers model), got {type(model).__name__}.")
         if isinstance(model, AdapterModel) or any(isinstance(m, AdapterLayer) for m in model.modules()):
             raise ValueError("The model already has adapters; add more with AdapterModel.add_adapter(name, config).")
         self.base_model = LoraModel(model)
+        # The wrapper keeps the model's train/eval mode (nn.Module would start in training mode).
+        self.training = self.base_model.training = model.training
         self.peft_config: dict[str, LoraConfig] = {}
         self.active_adapter: str | None = adapter_name
-        model.requires_grad_(False)
         self._inject(adapter_name, config, initialize)
+        model.requires_grad_(False)
         self.set_adapter(adapter_name)
 
     # Construction and loading -------------------------------------------------------------------------------
@@ -104,8 +110,9 @@ class AdapterModel(nn.Module):
 
         Args:
             model: the original base model.
-            path: the initial adapter folder, as saved right after get_adapter_model (its config still names
-                the PiSSA init; a folder whose config was rewritten by a conversion no longer does).
+            path: the initial adapter folder, as saved right after get_adapter_model (adapterflow's conversion
+                never rewrites it; one rewritten by PEFT's conversion says init_lora_weights true and loads as
+                plain LoRA, without the residual).
         """
         state, config = read_adapter(_adapter_folder(path, None))
         config.inference_mode = False
@@ -122,7 +129,18 @@ class AdapterModel(nn.Module):
 
     def load_adapter(self, model_id_or_path: str | os.PathLike, adapter_name: str, is_trainable: bool = False,
                      subfolder: str | None = None) -> None:
-        """Load a saved adapter as an additional adapter called `adapter_name` (it does not become active)."""
+        """Load a saved adapter as an additional adapter called `adapter_name` (it does not become active).
+
+        The other adapters keep their outputs, trainability and the model its train/eval mode; `is_trainable`
+        makes the loaded adapter's tensors trainable (PEFT 0.21, `PeftModel.load_adapter`).
+
+        Raises:
+            ValueError: the name exists. FileNotFoundError: no adapter at the path.
+            adapterflow.config.ConfigError: the adapter would change the outputs of the adapters already loaded
+                (it trains biases, or is an unconverted PiSSA adapter), or its config is invalid.
+            adapterflow.state_dict.AdapterLoadError: unreadable files, keys or shapes that do not fit, or saved
+                base-model tensors (biases, embedding layers) that differ from the ones the other adapters use.
+        """
         if adapter_name in self.peft_config:
             raise ValueError(f"Adapter {adapter_name!r} already exists; delete it first or pick another name.")
         state, config = read_adapter(_adapter_folder(model_id_or_path, subfolder))
@@ -133,12 +151,18 @@ class AdapterModel(nn.Module):
         except Exception:
             self.delete_adapter(adapter_name)
             raise
-        self._apply_active()
-        if not is_trainable:
-            self.eval()
+        self._set_trainable(adapter_name, is_trainable)
 
     def _load_state(self, adapter_name: str, config: LoraConfig, state: dict[str, torch.Tensor]) -> None:
         pairs = match_checkpoint(self, state, adapter_name)  # every key checked before anything changes
+        others = [name for name in self.peft_config if name != adapter_name]
+        changed = changed_base_tensors(self, adapter_name, pairs, state) if others else []
+        if changed:
+            raise AdapterLoadError(
+                f"Loading adapter {adapter_name!r} would overwrite base-model tensors that adapters {others} compute "
+                f"with, and its values differ: {changed}. Load it into a model of its own, or save it without them "
+                f"(bias='none', save_embedding_layers=False)."
+            )
         if is_pissa(config.init_lora_weights):
             # The checkpoint was trained on a residual: recompute it from this (original) base model, as PEFT does.
             if is_randomized_pissa(config.init_lora_weights):
@@ -153,14 +177,31 @@ class AdapterModel(nn.Module):
         load_adapter_state_dict(pairs, state)
 
     def add_adapter(self, adapter_name: str, config: LoraConfig) -> None:
-        """Inject a new, initialised adapter; it stays inactive (and frozen) until `set_adapter(adapter_name)`."""
+        """Inject a new, initialised adapter; it stays inactive (and frozen) until `set_adapter(adapter_name)`.
+        The other adapters keep their outputs and trainability, the model its train/eval mode.
+
+        Raises:
+            ValueError: the name exists or is invalid.
+            adapterflow.config.ConfigError: config is not a LoraConfig, or the adapter would change the outputs
+                of the ones already there (bias training, PiSSA, modules_to_save over their LoRA layers).
+            adapterflow.targeting.TargetError: the config does not fit the model.
+        """
         if adapter_name in self.peft_config:
             raise ValueError(f"Adapter {adapter_name!r} already exists; delete it first or pick another name.")
         self._inject(adapter_name, config, initialize=True)
-        self._apply_active()
+        self._set_trainable(adapter_name, False)
 
     def _inject(self, adapter_name: str, config: LoraConfig, initialize: bool) -> None:
-        self.peft_config[adapter_name] = inject_adapter(self.base_model.model, adapter_name, config, initialize)
+        # Everything is checked before the model changes, including that the adapters already in the model keep
+        # their outputs (inject.coexistence_problems).
+        self.peft_config[adapter_name] = inject_adapter(self.base_model.model, adapter_name, config, initialize,
+                                                        existing=dict(self.peft_config))
+
+    def _set_trainable(self, adapter_name: str, trainable: bool) -> None:
+        """requires_grad of one adapter's tensors; every other tensor keeps its own."""
+        for _, layer in adapter_layers(self):
+            for param in layer.adapter_parameters(adapter_name):
+                param.requires_grad_(trainable)
 
     # Adapter management -------------------------------------------------------------------------------------
 
@@ -296,11 +337,13 @@ def get_adapter_model(model: nn.Module, config: LoraConfig,
     """Inject a LoRA adapter into `model` (modified in place) and return the AdapterModel wrapping it.
 
     Only the adapter's parameters (and its modules_to_save copies, and biases per `config.bias`) are trainable.
+    The model keeps its train/eval mode: new LoRA layers (and their dropout) follow the module they wrap.
 
     Raises:
         adapterflow.targeting.TargetError: target_modules matches nothing (the message lists the module names
             that exist) or matches a layer type LoRA does not support.
-        adapterflow.config.ConfigError: an invalid config.
+        adapterflow.config.ConfigError: an invalid config, or not a LoraConfig (e.g. a dict).
+        TypeError: model is not a torch.nn.Module.
     """
     return AdapterModel(model, config, adapter_name)
 

@@ -4,12 +4,14 @@
 2. optionally convert a PiSSA adapter to LoRA against its initial adapter (`pissa.convert_pissa_to_lora`),
 3. write all files into the save directory in one atomic step (`write_adapters`).
 
-Every check runs before the first byte is written, so a refused save leaves the disk untouched.
+Every check runs before the first byte is written, so a refused save leaves the disk untouched. A conversion
+reads the initial adapter and never writes to it: PEFT rewrites its adapter_config.json (init_lora_weights true)
+only because PEFT loads the initial adapter into the live, residual model; reading its tensors needs no rewrite,
+and the folder stays a valid PiSSA initial adapter (AdapterModel.from_initial_adapter, PEFT on the original base).
 """
 
 from __future__ import annotations
 
-import copy
 import os
 import warnings
 from pathlib import Path
@@ -21,10 +23,11 @@ from adapterflow import formats
 from adapterflow.atomic import staged_directory
 from adapterflow.config import LoraConfig
 from adapterflow.init_methods import is_randomized_pissa
+from adapterflow.layers import LoraLinear
 from adapterflow.model_card import ModelCardInfo, render_model_card
 from adapterflow.pissa import convert_pissa_to_lora
-from adapterflow.serialization import read_weights, write_weights
-from adapterflow.state_dict import SaveEmbeddingLayers, get_adapter_state_dict
+from adapterflow.serialization import payload_bytes, read_weights, write_weights
+from adapterflow.state_dict import SaveEmbeddingLayers, adapter_layers, get_adapter_state_dict
 
 Adapter = tuple[dict[str, torch.Tensor], LoraConfig]
 
@@ -42,6 +45,10 @@ def write_adapters(
 
     Returns:
         The paths of the written files, inside `save_directory`.
+
+    Raises:
+        ValueError: an invalid adapter name, or save_directory is a file.
+        OSError: a write failed; the message names save_directory and, for a full disk, the bytes needed.
     """
     for name in adapters:
         formats.check_adapter_name(name)
@@ -51,7 +58,8 @@ def write_adapters(
     card_path = root / formats.MODEL_CARD_NAME
     existing_card = card_path.read_text() if card_path.is_file() else None
     written = []
-    with staged_directory(root, keep=lambda rel: rel not in stale) as staging:
+    size = sum(payload_bytes(state) for state, _ in adapters.values())
+    with staged_directory(root, keep=lambda rel: rel not in stale, size_hint=size) as staging:
         for name, (state, config) in adapters.items():
             folder = formats.adapter_dir(staging, name)
             folder.mkdir(parents=True, exist_ok=True)
@@ -81,16 +89,6 @@ def read_initial_adapter(path: str | os.PathLike) -> Adapter:
     return read_adapter(folder)
 
 
-def mark_initial_adapter_converted(path: str | os.PathLike, config: LoraConfig) -> None:
-    """Rewrite the initial adapter's config with init_lora_weights=True, as PEFT does, so that loading it later
-    does not run the PiSSA decomposition again on a base model that is already a residual."""
-    if config.init_lora_weights is True:
-        return  # already rewritten by an earlier conversion: nothing to change
-    config = copy.deepcopy(config)
-    config.init_lora_weights = True
-    config.save_pretrained(os.path.normpath(path))
-
-
 def save_adapter_model(
     model,
     save_directory: str | os.PathLike,
@@ -117,15 +115,22 @@ def save_adapter_model(
         config = model.peft_config[name]
         state = get_adapter_state_dict(model, config, name, save_embedding_layers)
         if initial is not None:
-            state, config = convert_pissa_to_lora(state, config, *initial)
+            state, config = convert_pissa_to_lora(state, config, *initial, base_weights=_base_weights(model, name))
         elif is_randomized_pissa(config.init_lora_weights):
             warn_randomized_pissa(config.init_lora_weights)
         adapters[name] = (state, config)
     if not is_main_process:
         return []
-    if initial is not None:
-        mark_initial_adapter_converted(path_initial_model_for_weight_conversion, initial[1])
     return write_adapters(save_directory, adapters, safe_serialization)
+
+
+def _base_weights(model, adapter_name: str) -> dict[str, torch.Tensor]:
+    """{module path: (out, in) base weight} of the linear layers that hold `adapter_name` (views, no copies)."""
+    return {
+        path: layer.base_weight_matrix()
+        for path, layer in adapter_layers(model)
+        if isinstance(layer, LoraLinear) and adapter_name in layer.adapter_names
+    }
 
 
 def resolve_conversion_path(convert_pissa_to_lora, path_initial_model_for_weight_conversion):

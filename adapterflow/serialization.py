@@ -3,7 +3,7 @@
 The safetensors writer streams each tensor's memory straight to the file descriptor with `writev` (no copy of the
 tensors, no temporary buffer) and starts the disk writeback while it goes, so the fsync of a durable save waits
 little; reading uses the safetensors library. `.bin` files are read with `torch.load(weights_only=True)` only, so
-a checkpoint cannot run code.
+a checkpoint cannot run code. Every file that cannot be read is an `AdapterLoadError` naming the file.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import ctypes
 import itertools
 import json
 import os
+import pickle
 import struct
 from collections.abc import Iterable
 from pathlib import Path
@@ -35,6 +36,13 @@ _SAFETENSORS_DTYPES = {
     torch.float8_e4m3fn: "F8_E4M3",
     torch.float8_e5m2: "F8_E5M2",
 }
+
+
+class AdapterLoadError(ValueError):
+    """An adapter that cannot be loaded: an unreadable or corrupt file (named in the message), or a checkpoint that
+    does not fit the model (every missing / unexpected key listed)."""
+
+
 _IOV_MAX = 1024  # writev's per-call buffer limit on Linux
 _WRITEBACK_CHUNK = 1 << 20
 _SYNC_FILE_RANGE_WRITE = 2
@@ -131,15 +139,50 @@ _sync_file_range = _load_sync_file_range()
 
 def write_bin(fd: int, tensors: dict[str, torch.Tensor]) -> None:
     """torch.save the tensors; each gets its own compact storage, so a view into a large tensor does not drag the
-    whole storage into the file."""
+    whole storage into the file.
+
+    Raises:
+        OSError: the write failed (e.g. ENOSPC), as raised by the OS; torch would turn it into a RuntimeError.
+    """
     compact = {}
     for name, tensor in tensors.items():
         tensor = tensor.detach().to("cpu")
         if not tensor.is_contiguous() or tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size():
             tensor = tensor.clone(memory_format=torch.contiguous_format)
         compact[name] = tensor
-    with open(fd, "wb", closefd=False) as file:
-        torch.save(compact, file)
+    sink = _FdWriter(fd)
+    try:
+        torch.save(compact, sink)
+    except RuntimeError:
+        if sink.error is not None:
+            raise sink.error from None
+        raise
+
+
+class _FdWriter:
+    """A write-only file object over a descriptor that keeps the OSError of a failed write, which torch.save
+    reports only as `RuntimeError: [enforce fail at inline_container.cc]`."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd, self.error = fd, None
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        try:
+            while view:
+                view = view[os.write(self.fd, view) :]
+        except OSError as exc:
+            self.error = exc
+            raise
+        return memoryview(data).nbytes
+
+    def flush(self) -> None:
+        pass
+
+
+def payload_bytes(tensors: dict[str, torch.Tensor]) -> int:
+    """Bytes of tensor data a weights file holds (from shapes and dtypes; no tensor is read)."""
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def write_weights(path: Path, tensors: dict[str, torch.Tensor]) -> None:
@@ -168,11 +211,41 @@ def find_weights_file(folder: str | os.PathLike) -> Path:
 
 
 def read_weights(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read an adapter folder's weights onto the CPU."""
+    """Read an adapter folder's weights onto the CPU.
+
+    Raises:
+        FileNotFoundError: neither weights file exists; OSError: the OS could not read it (as raised).
+        AdapterLoadError: the file is empty, truncated or corrupt, holds something other than a dict of tensors,
+            or (.bin) pickled objects that a weights-only load refuses.
+    """
     path = find_weights_file(folder)
+    size = path.stat().st_size
+    if size == 0:
+        raise AdapterLoadError(f"{path} is empty (0 bytes); the save that wrote it did not finish. {_REDO}")
     if path.name == formats.SAFETENSORS_WEIGHTS_NAME:
-        return load_file(path, device="cpu")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            return load_file(path, device="cpu")
+        except OSError:
+            raise  # the OS could not read the file (EIO, EACCES): not the file's fault, and maybe transient
+        except Exception as exc:  # safetensors' own SafetensorError: the content is broken
+            raise AdapterLoadError(
+                f"{path} ({size} bytes) is not a readable safetensors file ({exc}); it is truncated or corrupt. {_REDO}"
+            ) from None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise AdapterLoadError(
+            f"{path} holds pickled Python objects besides tensors; it is refused for safety, because unpickling "
+            f"them could run arbitrary code. Ask for the adapter as {formats.SAFETENSORS_WEIGHTS_NAME}."
+        ) from None
+    except (RuntimeError, EOFError) as exc:
+        raise AdapterLoadError(
+            f"{path} ({size} bytes) is not a readable PyTorch checkpoint ({str(exc).splitlines()[0][:120]}); it is "
+            f"truncated or corrupt. {_REDO}"
+        ) from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{path} does not hold a dict of tensors; it is not an adapter checkpoint.")
+        raise AdapterLoadError(f"{path} does not hold a dict of tensors; it is not an adapter checkpoint. {_REDO}")
     return state
+
+
+_REDO = "Save the adapter again (or download it again) and load that folder."

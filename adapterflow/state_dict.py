@@ -18,13 +18,12 @@ from torch import nn
 from adapterflow import formats
 from adapterflow.config import LoraConfig
 from adapterflow.layers import AdapterLayer, LoraLayer
+from adapterflow.serialization import AdapterLoadError
 from adapterflow.targeting import embedding_is_targeted
 
 SaveEmbeddingLayers = Union[bool, Literal["auto"]]
-
-
-class AdapterLoadError(ValueError):
-    """An adapter checkpoint that does not fit the model; the message lists every missing/unexpected key."""
+__all__ = ["AdapterLoadError", "changed_base_tensors", "get_adapter_state_dict", "load_adapter_state_dict",
+           "match_checkpoint"]
 
 
 def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:
@@ -186,6 +185,15 @@ def match_checkpoint(model: nn.Module, state: dict[str, torch.Tensor], adapter_n
     if missing or unexpected or mismatched:
         raise AdapterLoadError(_load_error_message(missing, unexpected, mismatched))
     return resolved
+
+
+@torch.no_grad()
+def changed_base_tensors(model: nn.Module, adapter_name: str, targets: dict[str, torch.Tensor],
+                         state: dict[str, torch.Tensor]) -> list[str]:
+    """Checkpoint keys paired (by `match_checkpoint`) with base-model tensors, not the adapter's own, whose saved
+    values differ from the model's: loading them would change what every other adapter computes."""
+    own = {id(t) for t in adapter_model_tensors(model, adapter_name).values()}
+    return sorted(k for k, t in targets.items() if id(t) not in own and not torch.equal(t, state[k].to(t)))
 
 
 @torch.no_grad()

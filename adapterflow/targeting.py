@@ -2,7 +2,11 @@
 
 - target_modules as a list: a module matches when its path equals an entry or ends with `.<entry>`;
   as a string: the regex must match the whole path; "all-linear": every nn.Linear / Conv1D except the output
-  head. exclude_modules use the same rules. layers_to_transform keeps only modules of the listed layer indices.
+  head. exclude_modules use the same rules. layers_to_transform (an int or a list; an empty list means every
+  layer) keeps only modules of the listed layer indices, except modules named by their exact path, which are
+  always adapted (PEFT `tuners_utils.check_target_module_exists`).
+- A list of 20 or more target_modules is saved as the shortest suffixes that match the same modules, as PEFT
+  saves it (`_find_minimal_target_modules`, MIN_TARGET_MODULES_FOR_OPTIMIZATION).
 - modules_to_save: a module whose path ends with an entry (PEFT's plain `endswith`) is trained in full; such
   modules and their children are never LoRA targets.
 """
@@ -14,6 +18,8 @@ import warnings
 from dataclasses import dataclass
 
 from torch import nn
+
+MIN_TARGET_MODULES_FOR_OPTIMIZATION = 20  # PEFT's threshold for saving target_modules as minimal suffixes
 
 from adapterflow import formats
 from adapterflow.config import LoraConfig
@@ -57,10 +63,7 @@ def plan_targets(model: nn.Module, config: LoraConfig) -> TargetPlan:
                 f"nn.Embedding and transformers' Conv1D; narrow target_modules to those layers."
             )
     if not lora_modules:
-        problems.append(
-            f"target_modules {config.target_modules!r} matches no adaptable module of {type(model).__name__}. "
-            f"Adaptable module names: {adaptable_names(modules)}."
-        )
+        problems.append(_nothing_matched(model, modules, target_modules, config))
     if config.modules_to_save and not to_save:
         problems.append(f"modules_to_save {config.modules_to_save!r} matches no module of {type(model).__name__}.")
     if problems:
@@ -68,7 +71,25 @@ def plan_targets(model: nn.Module, config: LoraConfig) -> TargetPlan:
     _warn_unused_entries(config, lora_modules)
     if isinstance(target_modules, list) and config.targets_all_linear:
         target_modules = _minimal_suffixes(target_modules, [n for n in modules if n not in target_modules])
+    elif isinstance(target_modules, list) and len(target_modules) >= MIN_TARGET_MODULES_FOR_OPTIMIZATION:
+        others = [n for n in modules if not _name_matches(n, target_modules)]
+        minimal = _minimal_suffixes(target_modules, others)
+        target_modules = minimal if len(minimal) < len(target_modules) else target_modules
     return TargetPlan(lora_modules, to_save, target_modules)
+
+
+def _nothing_matched(model: nn.Module, modules: dict[str, nn.Module], target_modules, config: LoraConfig) -> str:
+    """The problem to report when no module is adapted: blame layers_to_transform when it filtered out every
+    module that target_modules matches."""
+    if isinstance(target_modules, list) and config.layers_to_transform is not None:
+        matching = [n for n, m in modules.items() if _name_matches(n, target_modules) and _is_adaptable(m)]
+        if matching:
+            found = sorted({i for i in (_layer_index(n, config) for n in matching) if i is not None})
+            return (f"layers_to_transform={config.layers_to_transform!r} (layers_pattern={config.layers_pattern!r}) "
+                    f"selects none of the {len(matching)} modules target_modules matches; their layer indices are "
+                    f"{found}. Pick indices from that list.")
+    return (f"target_modules {config.target_modules!r} matches no adaptable module of {type(model).__name__}. "
+            f"Adaptable module names: {adaptable_names(modules)}.")
 
 
 def adaptable_names(modules: dict[str, nn.Module]) -> list[str]:
@@ -95,12 +116,22 @@ def _is_adaptable(module: nn.Module) -> bool:
 def _matches_target(name: str, target_modules: list[str] | str, config: LoraConfig) -> bool:
     if isinstance(target_modules, str):
         return re.fullmatch(target_modules, name) is not None
-    if not any(name == t or name.endswith(f".{t}") for t in target_modules):
+    if name in target_modules:
+        return True  # an exact module path is adapted whatever layers_to_transform says, as in PEFT
+    if not _name_matches(name, target_modules):
         return False
-    return config.layers_to_transform is None or _layer_index_selected(name, config)
+    wanted = config.layers_to_transform
+    if wanted is None or wanted == []:  # PEFT: an empty list selects every layer
+        return True
+    index = _layer_index(name, config)
+    return index is not None and index in ([wanted] if isinstance(wanted, int) else wanted)
 
 
-def _layer_index_selected(name: str, config: LoraConfig) -> bool:
+def _name_matches(name: str, names: list[str]) -> bool:
+    return any(name == t or name.endswith(f".{t}") for t in names)
+
+
+def _layer_index(name: str, config: LoraConfig) -> int | None:
     # As PEFT: the first number after `<layers_pattern>.` (or after any `<part>.` without a pattern).
     patterns = config.layers_pattern or []
     patterns = [patterns] if isinstance(patterns, str) else patterns
@@ -111,11 +142,7 @@ def _layer_index_selected(name: str, config: LoraConfig) -> bool:
         match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", name)
         if match:
             break
-    if match is None:
-        return False
-    wanted = config.layers_to_transform
-    wanted = [wanted] if isinstance(wanted, int) else wanted
-    return int(match.group("idx")) in wanted
+    return None if match is None else int(match.group("idx"))
 
 
 def _is_excluded(name: str, config: LoraConfig) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -70,17 +71,34 @@ def verify_adapter(base_model: nn.Module, adapter_dir: str | os.PathLike, probe:
 
 
 def check_extracted_state(model: nn.Module, adapter_name: str, state: dict[str, torch.Tensor]) -> None:
-    """Refuse an extracted adapter state that cannot be right: empty tensors (what a ZeRO-3 state dict gathered
-    without its shards looks like), NaN/Inf values, or a targeted module that contributed no tensors.
+    """`check_adapter_state` with the adapted modules taken from `model` (an AdapterModel holding `adapter_name`).
+
+    Raises:
+        VerificationError: listing every problem.
+    """
+    check_adapter_state(state, {path for path, layer in adapter_layers(model) if adapter_name in layer.adapter_names})
+
+
+def check_adapter_state(state: dict[str, torch.Tensor], adapted_modules: Iterable[str]) -> None:
+    """Refuse an adapter state dict (checkpoint keys) that cannot be right: empty tensors (what a ZeRO-3 state dict
+    gathered without its shards looks like), NaN/Inf values, a LoRA A without its B (or B without A), or an
+    adapted module that contributed no tensors.
+
+    Args:
+        state: {checkpoint key: tensor}, e.g. from `read_adapter` or `get_adapter_state_dict`.
+        adapted_modules: the module paths the adapter targets, with the `base_model.model.` prefix (LoRA layers and
+            modules_to_save).
 
     Raises:
         VerificationError: listing every problem.
     """
     problems = [f"{k}: empty tensor {tuple(t.shape)}" for k, t in state.items() if t.numel() == 0]
     problems += [f"{k}: contains NaN or Inf" for k, t in state.items() if t.numel() and not torch.isfinite(t).all()]
-    modules = {path for path, layer in adapter_layers(model) if adapter_name in layer.adapter_names}
+    problems += [f"{k}: has no partner {formats.lora_partner(k)}" for k in sorted(state)
+                 if formats.lora_partner(k) is not None and formats.lora_partner(k) not in state]
     saved_modules = {formats.module_of_key(key) for key in state}
-    problems += [f"{m}: targeted but has no tensors in the state dict" for m in sorted(modules - saved_modules)]
+    missing = sorted(set(adapted_modules) - saved_modules)
+    problems += [f"{m}: targeted but has no tensors in the state dict" for m in missing]
     if problems:
         report = VerificationReport("<extracted state>", len(state), float("nan"), 0.0, problems=problems)
         raise VerificationError("The extracted adapter is broken:\n" + "\n".join(f"  - {p}" for p in problems), report)

@@ -126,6 +126,7 @@ class TrainingParameters(_Section):
     weight_decay: float = Field(0.0, ge=0)
     seed: int = 0
     checkpoint_every: int = Field(50, ge=1, description="optimizer steps between resumable checkpoints")
+    keep_checkpoints: int = Field(2, ge=1, description="newest checkpoints kept (each a PEFT adapter folder)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
     @model_validator(mode="after")

@@ -129,7 +129,8 @@ def training_settings(params: SaveAdapterParameters, checked: CheckedRun) -> dic
                 gradient_accumulation_steps=training.gradient_accumulation_steps,
                 max_grad_norm=training.max_grad_norm, weight_decay=training.weight_decay,
                 warmup_steps=min(training.warmup_steps, steps), seed=training.seed,
-                checkpoint_every=training.checkpoint_every, device=checked.device)
+                checkpoint_every=training.checkpoint_every, keep_checkpoints=training.keep_checkpoints,
+                device=checked.device)
 
 
 def _check(problems: list[str], parameter: str, step):

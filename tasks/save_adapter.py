@@ -7,7 +7,8 @@ import hashlib
 from prefect import task
 from prefect.artifacts import create_table_artifact
 
-from adapterflow import formats, read_adapter, write_adapters
+from adapterflow import formats, write_adapters
+from adapterflow.runtime.run_dir import final_adapter
 from adapterflow.tasks.model_card_inputs import card_info
 from adapterflow.tasks.retries import RESULT_OPTIONS, RETRY_OPTIONS
 from adapterflow.tasks.run_plan import RunPlan
@@ -15,8 +16,13 @@ from adapterflow.tasks.run_plan import RunPlan
 
 @task(name="save-adapter", **RETRY_OPTIONS, **RESULT_OPTIONS)
 def save_adapter(plan: RunPlan, source: dict) -> dict:
-    """Returns {"output_dir", "adapter_dir", "files": [{"name", "bytes", "sha256"}]}."""
-    state, config = read_adapter(source["path"])
+    """Write the adapter that `source` (the convert step's result) describes: the final checkpoint's, converted
+    against source["initial"] when that is set. The only write of the published adapter's tensors.
+
+    Returns:
+        {"output_dir", "adapter_dir", "files": [{"name", "bytes", "sha256"}], "converted"}.
+    """
+    state, config = final_adapter(source["path"], source.get("initial"))
     written = write_adapters(plan.output_dir, {plan.adapter_name: (state, config)}, plan.safe_serialization,
                              card=card_info(plan))  # the README.md is the Hub's card: the push uploads this folder
     files = [{"name": str(path.relative_to(plan.output_dir)), "bytes": path.stat().st_size,

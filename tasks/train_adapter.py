@@ -7,6 +7,7 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_table_artifact
 
 from adapterflow.runtime.base_models import load_tokenizer
+from adapterflow.runtime.checkpoints import Checkpoints
 from adapterflow.runtime.data import collate, load_examples, split_examples, tokenize
 from adapterflow.runtime.run_dir import build_adapter_model, write_json, write_probe
 from adapterflow.runtime.training import evaluate, train
@@ -33,7 +34,10 @@ def train_adapter(plan: RunPlan) -> dict:
     def log_step(step: int, loss: float, lr: float) -> None:
         logger.info("step %d/%d loss %.4f lr %.2e", step, settings.steps, loss, lr)
 
-    result = train(model, train_data, settings, tokenizer.pad_token_id, run.checkpoints, on_step=log_step)
+    # Checkpoints hold the adapter as the pipeline publishes it (embedding layers per save.save_embedding_layers),
+    # so the last one is the trained adapter: the later steps read it instead of rebuilding the model.
+    checkpoints = Checkpoints(run.checkpoints, plan.adapter_name, plan.save_embedding_layers, settings.keep_checkpoints)
+    result = train(model, train_data, settings, tokenizer.pad_token_id, checkpoints, on_step=log_step)
     if result.resumed_from is not None:
         logger.info("Resumed from the checkpoint at step %d", result.resumed_from)
     eval_after = evaluate(model, eval_data, settings.batch_size, tokenizer.pad_token_id, settings.device)
@@ -48,7 +52,8 @@ def train_adapter(plan: RunPlan) -> dict:
         "eval_loss_before": eval_before, "eval_loss_after": eval_after, "tokens": result.tokens,
         "train_seconds": result.seconds, "tokens_per_second": result.tokens_per_second,
         "trainable_parameters": trainable, "total_parameters": total, "resumed_from": result.resumed_from,
-        "checkpoint": str(run.final_checkpoint()), "initial_adapter": str(run.initial) if run.initial.exists() else None,
+        "checkpoint": str(run.final_checkpoint(settings.steps)),
+        "initial_adapter": str(run.initial) if run.initial.exists() else None,
     }
     write_json(run.training_summary, summary)
     create_table_artifact(

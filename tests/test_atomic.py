@@ -2,6 +2,7 @@
 was or exactly the new content, and the next save cleans up what the crash left."""
 
 import builtins
+import contextlib
 import errno
 import os
 import shutil
@@ -110,3 +111,118 @@ def test_save_into_the_working_directory(tmp_path, monkeypatch):
     write_adapters("..", adapters(2.0))
     assert os.getcwd() == str(target / "sub") and (target / "sub").is_dir()  # cwd follows the new tree
     assert os.path.exists("../adapter_model.safetensors")
+
+
+# Failures (an OSError, not a crash) at each file-system operation: the save raises, and every folder it touches
+# or reads is byte-identical to before, with no leftovers; for a conversion the initial adapter is never written.
+
+FAILABLE = ("open", "writev", "write", "fsync", "rename", "replace", "link", "mkdir", "chmod", "fchmod", "symlink")
+
+
+@contextlib.contextmanager
+def failing_file_system(fail_at: int):
+    """The fail_at-th file-system mutation raises EIO; yields the call counter."""
+    calls = {"n": 0}
+    saved = {name: getattr(os, name) for name in FAILABLE}
+    saved_exchange, real_open = atomic._exchange, builtins.open
+
+    def step(fn):
+        def wrapper(*args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == fail_at:
+                raise OSError(errno.EIO, "Input/output error (injected)")
+            return fn(*args, **kwargs)
+        return wrapper
+
+    try:
+        for name, fn in saved.items():
+            setattr(os, name, step(fn))
+        atomic._exchange = step(saved_exchange)
+        builtins.open = lambda file, mode="r", *a, **k: (
+            step(real_open) if any(c in mode for c in "wax+") else real_open)(file, mode, *a, **k)
+        yield calls
+    finally:
+        for name, fn in saved.items():
+            setattr(os, name, fn)
+        atomic._exchange, builtins.open = saved_exchange, real_open
+
+
+def restore(folder, content):
+    if content is None:
+        return
+    folder.mkdir(parents=True)
+    for rel, data in content.items():
+        path = folder / rel
+        if data == "dir":
+            path.mkdir(exist_ok=True)
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+
+
+def run_with_failures(save, watched, parent, expected_new, fallback, monkeypatch):
+    """Call save() failing at operation 1, 2, ... until no operation is left to fail. A failure the save reports
+    must have changed nothing; one it tolerates (e.g. mkdir of a folder that exists) must not spoil the result."""
+    if fallback:
+        monkeypatch.setattr(atomic, "_exchange", _no_exchange)
+    before = {folder: snapshot(folder) for folder in watched}
+    entries = sorted(p.name for p in parent.iterdir())
+    fail_at = 1
+    while True:
+        with failing_file_system(fail_at) as calls:
+            try:
+                save()
+                failed = None
+            except OSError as exc:
+                failed = exc
+        if failed is None:
+            assert expected_new(), f"a tolerated failure at op {fail_at} spoiled the saved content"
+            if calls["n"] < fail_at:
+                break
+            for folder, content in before.items():  # back to the old state for the next round
+                shutil.rmtree(folder, ignore_errors=True)
+                restore(folder, content)
+            fail_at += 1
+            continue
+        assert ".staging-" not in str(failed) and ".replaced-" not in str(failed)
+        assert {folder: snapshot(folder) for folder in watched} == before, f"changed after a failure at op {fail_at}"
+        assert sorted(p.name for p in parent.iterdir()) == entries, f"leftovers after a failure at op {fail_at}"
+        fail_at += 1
+    assert fail_at > 10
+    assert expected_new(), "the save that finally succeeded wrote the wrong content"
+
+
+@pytest.mark.parametrize("fallback", [False, True], ids=["exchange", "two-renames"])
+@pytest.mark.parametrize("existing", [False, True], ids=["new-folder", "over-old-folder"])
+def test_failure_at_any_point_of_a_plain_save_changes_nothing(tmp_path, monkeypatch, fallback, existing):
+    target = tmp_path / "out" / "adapter"
+    target.parent.mkdir()
+    reference = tmp_path / "reference"
+    if existing:
+        write_adapters(target, adapters(1.0))
+        shutil.copytree(target, reference)
+    write_adapters(reference, adapters(2.0))
+    run_with_failures(lambda: write_adapters(target, adapters(2.0)), [target], target.parent,
+                      lambda: snapshot(target) == snapshot(reference), fallback, monkeypatch)
+
+
+@pytest.mark.parametrize("fallback", [False, True], ids=["exchange", "two-renames"])
+@pytest.mark.parametrize("existing", [False, True], ids=["new-folder", "over-old-folder"])
+def test_failure_at_any_point_of_a_conversion_save_changes_neither_folder(tmp_path, monkeypatch, load_base, fallback,
+                                                                          existing):
+    from adapterflow import get_adapter_model
+    from tiny import randomize_adapters
+
+    model = get_adapter_model(load_base(), LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"],
+                                                      init_lora_weights="pissa"))
+    model.save_pretrained(tmp_path / "initial")
+    randomize_adapters(model)
+    target = tmp_path / "out" / "converted"
+    target.parent.mkdir()
+    if existing:
+        model.save_pretrained(target)  # an older, unconverted save in the way
+        shutil.copytree(target, tmp_path / "reference")
+    model.save_pretrained(tmp_path / "reference", path_initial_model_for_weight_conversion=tmp_path / "initial")
+    save = lambda: model.save_pretrained(target, path_initial_model_for_weight_conversion=tmp_path / "initial")
+    run_with_failures(save, [target, tmp_path / "initial"], target.parent,
+                      lambda: snapshot(target) == snapshot(tmp_path / "reference"), fallback, monkeypatch)

@@ -6,7 +6,7 @@ import json
 import peft
 import pytest
 
-from adapterflow import ConfigError, LoraConfig
+from adapterflow import AdapterLoadError, ConfigError, LoraConfig
 
 
 def test_field_defaults_match_peft():
@@ -51,7 +51,9 @@ def test_peft_written_config_round_trips_losslessly(tmp_path):
     peft_config.save_pretrained(tmp_path)
     written = json.loads((tmp_path / "adapter_config.json").read_text())
     written["some_future_peft_field"] = {"kept": [1, 2]}
-    config = LoraConfig.from_dict(written)
+    with pytest.warns(UserWarning, match=r"keys adapterflow does not know: \['some_future_peft_field'\]") as record:
+        config = LoraConfig.from_dict(written)
+    assert len([w for w in record if "does not know" in str(w.message)]) == 1  # one warning, peft_version not in it
     assert config.extra_fields["peft_version"] == written["peft_version"]
     assert config.to_dict() == written
 
@@ -69,7 +71,7 @@ def test_broken_json_and_missing_file_are_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="No adapter_config.json at"):
         LoraConfig.from_pretrained(tmp_path)
     (tmp_path / "adapter_config.json").write_text("{not json")
-    with pytest.raises(ConfigError, match="is not valid JSON"):
+    with pytest.raises(AdapterLoadError, match="adapter_config.json is not readable JSON"):
         LoraConfig.from_pretrained(tmp_path)
 
 

@@ -44,8 +44,13 @@ def test_pissa_run_trains_converts_saves_and_verifies(tmp_path):
     assert metrics["steps"] == "8" and float(metrics["eval_loss_after"]) < float(metrics["eval_loss_before"])
     assert "Verification PASSED" in found["verification-report"][1]
 
-    # The saved adapter is a PEFT adapter for the ORIGINAL base model, reproducing the trained model's logits.
+    # Adapter tensors land in the initial adapter, the checkpoints (PEFT adapter folders) and the output only.
     run_dir = Path(summary["run_dir"])
+    assert sorted(p.name for p in run_dir.iterdir()) == [
+        "adapter", "checkpoints", "initial", "plan.json", "probe.safetensors", "training.json"]
+    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step-000004", "step-000008"]
+
+    # The saved adapter is a PEFT adapter for the ORIGINAL base model, reproducing the trained model's logits.
     probe = load_file(run_dir / "probe.safetensors")
     base = load_base_model(config["base_model_name_or_path"])
     theirs = peft.PeftModel.from_pretrained(base, adapter_dir).eval()
@@ -112,13 +117,14 @@ def test_transient_failure_is_retried_and_permanent_one_is_not(tmp_path, monkeyp
     import errno
     import io
 
-    transient = _FailingOpen("extracted/adapter_config.json", errno.EIO, times=1)
+    # The convert step is the first to read <run>/initial after training wrote it.
+    transient = _FailingOpen("initial/adapter_config.json", errno.EIO, times=1)
     monkeypatch.setattr(io, "open", transient)
     state = run_flow(tmp_path / "runs")
     assert state.is_completed(), state.message
     assert transient.calls == 1 and task_runs(state)["convert-pissa-to-lora"].run_count == 2
 
-    permanent = _FailingOpen("extracted/adapter_config.json", errno.EACCES, times=None)
+    permanent = _FailingOpen("initial/adapter_config.json", errno.EACCES, times=None)
     monkeypatch.setattr(io, "open", permanent)
     state = run_flow(tmp_path / "runs")
     assert state.is_failed()

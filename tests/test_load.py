@@ -81,8 +81,9 @@ def test_bin_files_are_loaded_without_running_pickled_code(saved, load_base):
     (saved / "adapter_model.safetensors").unlink()
     with open(saved / "adapter_model.bin", "wb") as f:
         pickle.dump({"x": _Exploit()}, f)
-    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+    with pytest.raises(AdapterLoadError, match=r"adapter_model.bin holds pickled Python objects.*refused for safety") as info:
         AdapterModel.from_pretrained(load_base(), saved)
+    assert "weights_only=False" not in str(info.value)
     import os
 
     assert not os.path.exists("/tmp/adapterflow-pwned")
@@ -121,3 +122,38 @@ def test_load_adapter_adds_a_second_adapter(saved, load_base, input_ids):
     expected = logits(model, input_ids)
     model.set_adapter("copy")
     torch.testing.assert_close(logits(model, input_ids), expected)
+
+
+def test_unknown_config_keys_of_a_newer_peft_load_with_one_warning_and_round_trip(saved, load_base, tmp_path):
+    config = json.loads((saved / "adapter_config.json").read_text())
+    config.update({"future_flag": False, "future_settings": {"a": 1}})
+    (saved / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.warns(UserWarning) as record:
+        model = AdapterModel.from_pretrained(load_base(), saved)
+    messages = [str(w.message) for w in record if "does not know" in str(w.message)]
+    assert messages == ["adapter_config.json has keys adapterflow does not know: ['future_flag', 'future_settings']. "
+                        "They were probably written by a newer PEFT; they are ignored here and written back unchanged "
+                        "when the adapter is saved again."]
+    model.save_pretrained(tmp_path / "again")
+    written = json.loads((tmp_path / "again" / "adapter_config.json").read_text())
+    assert written["future_flag"] is False and written["future_settings"] == {"a": 1}
+
+
+def test_os_read_errors_stay_os_errors(saved, load_base, monkeypatch):
+    """EIO / EACCES are not the file's fault and may be transient: they reach the caller as OSError (retry
+    policies tell them apart), not as AdapterLoadError."""
+    import errno
+    import io
+    from pathlib import Path
+
+    real_open = io.open
+
+    def failing_open(file, *args, **kwargs):
+        if Path(str(file)).name == "adapter_config.json":
+            raise OSError(errno.EIO, "Input/output error", str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(io, "open", failing_open)
+    with pytest.raises(OSError, match="Input/output error") as info:
+        AdapterModel.from_pretrained(load_base(), saved)
+    assert not isinstance(info.value, AdapterLoadError)

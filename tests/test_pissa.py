@@ -52,6 +52,7 @@ def test_pissa_on_half_precision_keeps_dtypes(dtype, base_dir, input_ids):
                                    {"modules_to_save": ["lm_head"]}, {"rank_pattern": {"gate_proj": 2}}])
 def test_converted_adapter_on_original_base_reproduces_trained_model(extra, load_base, input_ids, tmp_path):
     model = trained_pissa(load_base, tmp_path, **extra)
+    initial_before = snapshot(tmp_path / "initial")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # embed_tokens: "Setting save_embedding_layers to True"
         model.save_pretrained(tmp_path / "converted", path_initial_model_for_weight_conversion=tmp_path / "initial")
@@ -62,8 +63,8 @@ def test_converted_adapter_on_original_base_reproduces_trained_model(extra, load
     expected_alpha = 8 * math.sqrt(2) if extra.get("use_rslora") else 16
     assert config["lora_alpha"] == pytest.approx(expected_alpha)
     assert config["rank_pattern"] == {k: 2 * v for k, v in extra.get("rank_pattern", {}).items()}
-    initial = json.loads((tmp_path / "initial" / "adapter_config.json").read_text())
-    assert initial["init_lora_weights"] is True and initial["r"] == 4  # rewritten as PEFT does
+    # Unlike PEFT, the initial adapter is only read: it stays a valid PiSSA initial adapter, byte for byte.
+    assert snapshot(tmp_path / "initial") == initial_before
 
 
 def test_conversion_works_for_bin_and_initial_folder_named_default(load_base, input_ids, tmp_path):
@@ -175,3 +176,60 @@ def test_initial_adapter_restores_the_exact_residual(init, load_base, input_ids,
         assert torch.equal(ours, theirs), name
     assert any(p.requires_grad for p in restored.parameters())
     torch.testing.assert_close(logits(restored, input_ids), logits(model, input_ids), atol=0, rtol=0)
+
+
+def test_plain_lora_initial_is_refused_where_peft_writes_a_wrong_adapter(load_base, input_ids, tmp_path):
+    """Same shapes, plain LoRA init: PEFT converts without a word and its adapter is off; we refuse."""
+    import peft
+
+    def peft_model(init):
+        return peft.get_peft_model(load_base(), peft.LoraConfig(init_lora_weights=init, **{**PISSA, "task_type": None}))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trained = peft_model("pissa")
+        randomize_adapters(trained)
+        peft_model(True).save_pretrained(tmp_path / "lora_initial")
+        trained.save_pretrained(tmp_path / "peft_out", path_initial_model_for_weight_conversion=str(tmp_path / "lora_initial"))
+        wrong = peft.PeftModel.from_pretrained(load_base(), tmp_path / "peft_out")
+    assert (logits(wrong, input_ids) - logits(trained, input_ids)).abs().max() > 1e-2  # the hazard
+    ours = trained_pissa(load_base, tmp_path)
+    shutil.rmtree(tmp_path / "initial")
+    get_adapter_model(load_base(), LoraConfig(**{**PISSA, "init_lora_weights": True})).save_pretrained(tmp_path / "initial")
+    assert_refused(ours, tmp_path, r"not the PiSSA initialisation .*A0 @ A0.T != B0.T @ B0",
+                   path_initial_model_for_weight_conversion=tmp_path / "initial")
+
+
+def test_conversion_against_an_initial_folder_rewritten_by_peft_still_works(load_base, input_ids, tmp_path):
+    """PEFT (and adapterflow before) rewrote the initial adapter's config to init_lora_weights=true on conversion;
+    such a folder still converts, as often as asked, each time reproducing the trained model."""
+    model = trained_pissa(load_base, tmp_path)
+    config = json.loads((tmp_path / "initial" / "adapter_config.json").read_text())
+    (tmp_path / "initial" / "adapter_config.json").write_text(json.dumps({**config, "init_lora_weights": True}))
+    for attempt in ("first", "second"):
+        model.save_pretrained(tmp_path / attempt, path_initial_model_for_weight_conversion=tmp_path / "initial")
+        reloaded = AdapterModel.from_pretrained(load_base(), tmp_path / attempt)
+        torch.testing.assert_close(logits(reloaded, input_ids), logits(model, input_ids), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("dtype, init", [(torch.bfloat16, "pissa"), (torch.float16, "pissa_niter_2"),
+                                         (torch.float32, "pissa_niter_4")])
+def test_the_initial_adapter_check_accepts_half_precision_and_randomized_pissa(dtype, init, base_dir, tmp_path):
+    model = get_adapter_model(load_llama(base_dir, dtype=dtype), LoraConfig(init_lora_weights=init, **PISSA))
+    model.save_pretrained(tmp_path / "initial")
+    randomize_adapters(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.save_pretrained(tmp_path / "out", path_initial_model_for_weight_conversion=tmp_path / "initial")
+    assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["r"] == 8
+
+
+def test_initial_adapter_problems_without_base_weights_still_check_the_factors(load_base, tmp_path):
+    """The pipeline converts from files alone (no live residual): the factor checks still run."""
+    from adapterflow.pissa import initial_adapter_problems
+    from adapterflow.save import read_adapter
+
+    get_adapter_model(load_base(), LoraConfig(init_lora_weights="pissa", **PISSA)).save_pretrained(tmp_path / "pissa")
+    get_adapter_model(load_base(), LoraConfig(**{**PISSA, "init_lora_weights": True})).save_pretrained(tmp_path / "lora")
+    assert initial_adapter_problems(*read_adapter(tmp_path / "pissa"), {}) == []
+    assert "A0 @ A0.T != B0.T @ B0" in initial_adapter_problems(*read_adapter(tmp_path / "lora"), {})[0]

@@ -1,5 +1,6 @@
 """Which modules an adapter config adapts (PEFT's matching rules), and the errors when it does not fit."""
 
+import json
 import warnings
 
 import peft
@@ -96,3 +97,47 @@ def test_gpt2_conv1d_layers(tmp_path):
     torch.testing.assert_close(logits(theirs, ids), logits(model, ids), atol=1e-5, rtol=0)
     merged = AdapterModel.from_pretrained(load(), tmp_path / "adapter").merge_and_unload()
     torch.testing.assert_close(logits(merged, ids), logits(model, ids), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(target_modules=["q_proj"], layers_to_transform=[]),  # PEFT: an empty list means every layer
+    dict(target_modules=["q_proj", "v_proj"], layers_to_transform=1),
+    dict(target_modules=["q_proj"], layers_to_transform=[], layers_pattern="layers"),
+    # an exact module path is adapted whatever layers_to_transform says
+    dict(target_modules=["model.layers.0.self_attn.k_proj", "q_proj"], layers_to_transform=[1]),
+    dict(target_modules=["model.layers.1.mlp.up_proj"], layers_to_transform=[0], layers_pattern="layers"),
+])
+def test_layers_to_transform_in_every_form_as_peft(kwargs, load_base):
+    ours = get_adapter_model(load_base(), LoraConfig(**kwargs))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(load_base(), peft.LoraConfig(**kwargs))
+    assert adapted(ours) == peft_adapted(theirs) and adapted(ours)
+
+
+def test_layers_to_transform_that_selects_nothing_is_blamed_on_it(load_base):
+    with pytest.raises(TargetError, match=r"layers_to_transform=\[5\] .*selects none of the 2 modules.*indices are \[0, 1\]"):
+        get_adapter_model(load_base(), LoraConfig(target_modules=["q_proj"], layers_to_transform=[5]))
+
+
+def test_twenty_or_more_target_modules_are_saved_as_peft_saves_them(tmp_path):
+    """PEFT replaces a list of 20+ module paths by the shortest suffixes matching the same modules."""
+    from transformers import LlamaForCausalLM
+
+    from tiny import tiny_llama_config
+
+    def load():
+        torch.manual_seed(0)
+        return LlamaForCausalLM(tiny_llama_config(num_hidden_layers=3))
+
+    names = [n for n, m in load().named_modules() if isinstance(m, torch.nn.Linear) and "layers" in n]
+    assert len(names) == 21
+    ours = get_adapter_model(load(), LoraConfig(r=2, target_modules=names))
+    ours.save_pretrained(tmp_path / "ours")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(load(), peft.LoraConfig(r=2, target_modules=names))
+    theirs.save_pretrained(tmp_path / "peft")
+    read = lambda p: json.loads((p / "adapter_config.json").read_text())["target_modules"]
+    assert sorted(read(tmp_path / "ours")) == sorted(read(tmp_path / "peft")) and len(read(tmp_path / "ours")) < 21
+    assert adapted(ours) == peft_adapted(theirs)

@@ -1,15 +1,15 @@
-"""The files of one pipeline run, and rebuilding its models from them alone.
+"""The files of one pipeline run, and what the steps after training read from them.
 
-Every pipeline step reads its inputs from the run directory and writes its outputs there, so any step can be
-retried in a fresh process:
+Every pipeline step reads its inputs from the run directory, so any step can be retried in a fresh process. Only
+training writes adapter tensors here; the steps after it read the final checkpoint and write the output folder once:
 
     <run>/plan.json                resolved parameters
-    <run>/initial/                 the adapter right after initialisation (PiSSA: its factors define the residual)
-    <run>/checkpoints/step-N/      resumable training checkpoints; the last one is the trained adapter
+    <run>/initial/                 PiSSA only: the adapter right after initialisation (its factors define the
+                                   residual; resume and the PiSSA->LoRA conversion need it)
+    <run>/checkpoints/step-N/      resumable training checkpoints, each a PEFT adapter folder plus optimizer
+                                   state (`adapterflow.runtime.checkpoints`); the last one is the trained adapter
     <run>/training.json            loss history, eval losses, throughput
     <run>/probe.safetensors        a fixed batch and the trained model's logits on it, for verification
-    <run>/extracted/               the trained adapter in PEFT layout
-    <run>/converted/               the same, converted from PiSSA to LoRA (when asked)
 """
 
 from __future__ import annotations
@@ -22,16 +22,17 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from adapterflow import formats
+from adapterflow import convert_pissa_to_lora, formats, read_adapter
 from adapterflow.atomic import write_file_atomic
-from adapterflow.runtime.base_models import load_base_model
 from adapterflow.config import LoraConfig
 from adapterflow.init_methods import is_pissa
 from adapterflow.model import AdapterModel, get_adapter_model
-from adapterflow.save import write_adapters
+from adapterflow.runtime.base_models import load_base_model
+from adapterflow.runtime.checkpoints import CheckpointError, Checkpoints, checkpoint_step
+from adapterflow.save import Adapter, write_adapters
 from adapterflow.serialization import write_safetensors
 from adapterflow.state_dict import get_adapter_state_dict
-from adapterflow.runtime.training import latest_checkpoint, load_trainable_state
+from adapterflow.targeting import plan_targets
 
 
 @dataclass(frozen=True)
@@ -58,18 +59,21 @@ class RunDir:
     def probe(self) -> Path:
         return self.root / "probe.safetensors"
 
-    @property
-    def extracted(self) -> Path:
-        return self.root / "extracted"
+    def final_checkpoint(self, steps: int | None = None) -> Path:
+        """The newest checkpoint; with `steps`, it must be the one taken after the last of them.
 
-    @property
-    def converted(self) -> Path:
-        return self.root / "converted"
-
-    def final_checkpoint(self) -> Path:
-        checkpoint = latest_checkpoint(self.checkpoints)
+        Raises:
+            FileNotFoundError: no checkpoint.
+            adapterflow.runtime.checkpoints.CheckpointError: an old model-key checkpoint, or the newest one is not
+                from step `steps`.
+        """
+        checkpoint = Checkpoints(self.checkpoints).latest()
         if checkpoint is None:
             raise FileNotFoundError(f"No training checkpoint in {self.checkpoints}; run the training step first.")
+        if steps is not None and checkpoint_step(checkpoint) != steps:
+            raise CheckpointError(f"The newest checkpoint, {checkpoint}, is from step {checkpoint_step(checkpoint)}, "
+                                  f"but this run trains for {steps} steps. Delete {self.checkpoints} to train again "
+                                  f"with these settings, or use a new run_name.")
         return checkpoint
 
 
@@ -97,12 +101,29 @@ def build_adapter_model(base_path: str | os.PathLike, dtype: torch.dtype, config
     return model
 
 
-def load_trained_model(base_path: str | os.PathLike, dtype: torch.dtype, config: LoraConfig, adapter_name: str,
-                       run: RunDir, seed: int) -> AdapterModel:
-    """The trained model, rebuilt from the base model, the initial adapter and the final checkpoint."""
-    model = build_adapter_model(base_path, dtype, config, adapter_name, run, seed)
-    load_trainable_state(model, run.final_checkpoint())
-    return model.eval()
+def final_adapter(checkpoint: str | os.PathLike, initial: str | os.PathLike | None = None) -> Adapter:
+    """The adapter to publish: the final checkpoint's (state dict, config), converted from PiSSA to LoRA for the
+    original base model when `initial` (the folder saved right after initialisation) is given. Reads two small
+    folders and concatenates tensors; writes nothing.
+
+    Raises:
+        adapterflow.ConversionError: the initial adapter does not belong to the checkpoint's.
+    """
+    state, config = read_adapter(checkpoint)
+    if initial is None:
+        return state, config
+    return convert_pissa_to_lora(state, config, *read_adapter(initial))
+
+
+def adapter_modules(base_path: str | os.PathLike, config: LoraConfig) -> set[str]:
+    """Paths (with PEFT's `base_model.model.` prefix) of the modules `config` adapts in the base model, found on
+    the model's architecture alone (config.json, built on the meta device: no weights are read)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base_path))
+    plan = plan_targets(model, config)
+    return {formats.PEFT_KEY_PREFIX + path for path in plan.lora_modules + plan.modules_to_save}
 
 
 def write_probe(path: Path, batch: dict[str, torch.Tensor], logits: torch.Tensor) -> None:

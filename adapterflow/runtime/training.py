@@ -1,15 +1,14 @@
 """A plain PyTorch training loop for adapters, with checkpoints that a killed run resumes from.
 
 AdamW with linear warmup and cosine decay, gradient accumulation and clipping, bf16 autocast on CUDA. A
-checkpoint holds the trainable tensors, optimizer and scheduler state, the RNG state and the loss history, so
-a resumed run continues exactly where the checkpoint was taken: the final adapter equals an uninterrupted run's.
+checkpoint (`adapterflow.runtime.checkpoints`) is a PEFT adapter folder plus the optimizer and scheduler state,
+the RNG state and the loss history, so a resumed run continues exactly where the checkpoint was taken: the final
+adapter equals an uninterrupted run's.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -17,17 +16,9 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors.torch import load_file
 
-from adapterflow.atomic import staged_directory
+from adapterflow.runtime.checkpoints import Checkpoints
 from adapterflow.runtime.data import BatchStream, TokenizedExample, collate
-from adapterflow.serialization import write_weights
-
-CHECKPOINT_PREFIX = "step-"
-TRAINABLE_FILE = "trainable.safetensors"
-STATE_FILE = "training_state.pt"
-PROGRESS_FILE = "progress.json"
-KEEP_CHECKPOINTS = 2
 
 
 @dataclass
@@ -41,6 +32,7 @@ class TrainingSettings:
     warmup_steps: int = 0
     seed: int = 0
     checkpoint_every: int = 50
+    keep_checkpoints: int = 2  # newest checkpoints kept (Checkpoints.keep)
     device: str = "cpu"
 
 
@@ -69,11 +61,20 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
 
 
 def train(model: torch.nn.Module, examples: list[TokenizedExample], settings: TrainingSettings, pad_id: int,
-          checkpoint_dir: Path, on_step: StepCallback | None = None) -> TrainingResult:
-    """Train the model's trainable parameters; resume from the newest checkpoint in checkpoint_dir if any.
+          checkpoints: Checkpoints, on_step: StepCallback | None = None) -> TrainingResult:
+    """Train the model's trainable parameters; resume from the newest of `checkpoints` if there is one.
+
+    Args:
+        model: an AdapterModel whose active adapter is `checkpoints.adapter_name`.
+        checkpoints: where checkpoints go every `settings.checkpoint_every` steps and after the last step
+            (the newest `checkpoints.keep` stay).
 
     Returns:
         The loss history and throughput of the whole run (including steps done before a resume).
+
+    Raises:
+        adapterflow.runtime.checkpoints.CheckpointError: the newest checkpoint does not fit this model, or is
+            of the old model-key layout.
     """
     device = torch.device(settings.device)
     model.to(device).train()
@@ -83,12 +84,12 @@ def train(model: torch.nn.Module, examples: list[TokenizedExample], settings: Tr
         optimizer, lambda step: lr_factor(step, settings.warmup_steps, settings.steps))
     stream = BatchStream(examples, settings.batch_size, settings.seed, pad_id)
     result = TrainingResult(steps=settings.steps)
-    checkpoint = latest_checkpoint(checkpoint_dir)
+    checkpoint = checkpoints.latest()
     if checkpoint is None:
         torch.manual_seed(settings.seed)
         start = 0
     else:
-        start = _restore(checkpoint, model, optimizer, scheduler, result)
+        start = _restore(checkpoints, checkpoint, model, optimizer, scheduler, result)
     progress = _progress_bar(settings.steps, start)
     started = time.perf_counter() - result.seconds
     for step in range(start, settings.steps):
@@ -103,7 +104,7 @@ def train(model: torch.nn.Module, examples: list[TokenizedExample], settings: Tr
             progress.set_postfix(loss=f"{loss:.4f}")
             progress.update()
         if (step + 1) % settings.checkpoint_every == 0 or step + 1 == settings.steps:
-            save_checkpoint(checkpoint_dir, step + 1, model, optimizer, scheduler, result)
+            checkpoints.save(step + 1, model, optimizer, scheduler, asdict(result))
     if progress is not None:
         progress.close()
     model.eval()
@@ -141,49 +142,8 @@ def evaluate(model: torch.nn.Module, examples: list[TokenizedExample], batch_siz
     return total / count if count else float("nan")
 
 
-def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
-
-
-def save_checkpoint(checkpoint_dir: Path, step: int, model, optimizer, scheduler, result: TrainingResult) -> Path:
-    """Write step-<N>/ atomically (a run killed while writing leaves no partial checkpoint) and prune old ones."""
-    target = checkpoint_dir / f"{CHECKPOINT_PREFIX}{step:06d}"
-    with staged_directory(target) as staging:
-        write_weights(staging / TRAINABLE_FILE, trainable_state(model))
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "rng": torch.get_rng_state()}, staging / STATE_FILE)
-        (staging / PROGRESS_FILE).write_text(json.dumps({"step": step, **asdict(result)}))
-    for old in sorted(checkpoint_dir.glob(f"{CHECKPOINT_PREFIX}*"))[:-KEEP_CHECKPOINTS]:
-        shutil.rmtree(old, ignore_errors=True)
-    return target
-
-
-def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
-    checkpoints = sorted(p for p in checkpoint_dir.glob(f"{CHECKPOINT_PREFIX}*") if (p / PROGRESS_FILE).is_file())
-    return checkpoints[-1] if checkpoints else None
-
-
-def load_trainable_state(model: torch.nn.Module, checkpoint: Path) -> None:
-    """Put a checkpoint's trainable tensors into the model (every trainable parameter must be in it)."""
-    state = load_file(checkpoint / TRAINABLE_FILE)
-    params = dict(model.named_parameters())
-    missing = sorted(set(trainable_state(model)) - set(state))
-    unexpected = sorted(set(state) - set(params))
-    if missing or unexpected:
-        raise ValueError(f"Checkpoint {checkpoint} does not fit the model: missing {missing}, unexpected {unexpected}. "
-                         f"Delete the run directory to start over.")
-    with torch.no_grad():
-        for name, tensor in state.items():
-            params[name].copy_(tensor)
-
-
-def _restore(checkpoint: Path, model, optimizer, scheduler, result: TrainingResult) -> int:
-    load_trainable_state(model, checkpoint)
-    state = torch.load(checkpoint / STATE_FILE, weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["rng"])
-    progress = json.loads((checkpoint / PROGRESS_FILE).read_text())
+def _restore(checkpoints: Checkpoints, checkpoint: Path, model, optimizer, scheduler, result: TrainingResult) -> int:
+    progress = checkpoints.restore(checkpoint, model, optimizer, scheduler)
     result.losses, result.tokens, result.seconds = progress["losses"], progress["tokens"], progress["seconds"]
     result.resumed_from = progress["step"]
     return progress["step"]
