@@ -1,18 +1,17 @@
-"""Publish a saved adapter folder to the Hugging Face Hub: a Hub model card, one commit, retries, a timeout.
+"""Publish a saved adapter folder to the Hugging Face Hub as it is: one commit, retries, a timeout.
 
-huggingface_hub is imported inside the functions only, so `import adapterflow` stays torch + safetensors.
-Design (huggingface_hub 2.4): uploads take the classic LFS path (HF_HUB_DISABLE_XET forced on during a push): one
-commit per push, never retried blindly (the Xet pipeline retries the commit POST and can duplicate it). Each upload
-names the head it started from (parent_commit), so a retry after a lost commit response finds the files there or
-gets 412 and retries on the new head. The client has no HTTP timeout by default: a push wraps the current client
-factory with `timeout` and restores it after. Both settings are process-wide in huggingface_hub: pushes are
-serialised by a lock, and other threads using huggingface_hub meanwhile see them too.
+huggingface_hub is imported inside the functions only, so `import adapterflow` stays torch + safetensors. The
+folder's README.md is the card adapterflow.model_card rendered when the adapter was saved; the push adds nothing.
+Design (huggingface_hub 2.4): uploads take the classic LFS path: one commit per push, never retried blindly (the
+Xet pipeline retries the commit POST and can duplicate it). Each upload names the head it started from
+(parent_commit), so a retry after a lost commit response finds the files there or gets 412 and retries on the new
+head. Two settings of huggingface_hub are process-wide with no per-client alternative (HfApi has no client or
+timeout argument; every call goes through the one shared `get_session()` client): `_configure_hub_client` sets
+them once per process, under a lock, and says why.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
 import mmap
 import os
@@ -21,54 +20,23 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Sequence
 
 from adapterflow import formats
-from adapterflow.model_card import PIPELINE_TAGS
+from adapterflow.hub_errors import (HubPushError, HubPushPermanentError, HubPushTimeout, HubPushTransientError,
+                                    classify, hub_error, is_transient_hub_error, retry_after_seconds)
+from adapterflow.model_card import build_model_card, read_configs
 from adapterflow.redaction import redact_text, secret_values
+
+__all__ = ["HubPushError", "HubPushPermanentError", "HubPushTransientError", "HubPushTimeout", "PushResult",
+           "build_model_card", "is_transient_hub_error", "push_adapter_folder", "push_adapter_model"]
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_TAGS = ("lora", "peft", "adapterflow")
-TRANSIENT_STATUSES = frozenset({408, 412, 429, 500, 502, 503, 504})  # 412: the branch moved; retry on the new head
-_PUSH_LOCK = threading.Lock()
-_TRAINING_LABELS = {"steps": "steps", "final_loss": "final training loss",
-                    "eval_loss_before": "eval loss before training", "eval_loss_after": "eval loss after training"}
+_PUSH_LOCK = threading.Lock()  # one push at a time per process: a new timeout replaces the shared client
+_client_timeout: list = []  # the timeout of the client factory _configure_hub_client installed, if any
 _CARD_OPTIONS = ("license", "datasets", "training")
 _PUSH_OPTIONS = ("endpoint", "tag", "commit_description", "timeout", "max_attempts", "retry_delay")
-
-
-class HubPushError(RuntimeError):
-    """A push to the Hub failed. The message says what to fix; it never contains the token. Raised as one of the
-    subclasses below, whose second base tells generic retry policies (adapterflow.tasks.policy.is_transient) what `transient`
-    says: ConnectionError / TimeoutError when transient, ValueError when permanent.
-
-    Attributes:
-        transient: True when retrying may succeed (5xx, 408, 412, 429, timeouts, connection errors), False when
-            it cannot (401, 403, 404, other 4xx, an invalid card, a tag at another commit).
-        status: HTTP status of the failed request, or None. repo_id: the repository.
-        step: "create repo", "create branch", "upload", "tag" or "check folder".
-    """
-    transient = False
-
-    def __init__(self, message: str, *, status: int | None = None, repo_id: str | None = None,
-                 step: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.repo_id, self.step = status, repo_id, step
-
-
-class HubPushPermanentError(HubPushError, ValueError):
-    """A retry cannot help: fix the token, the repo_id, the revision, the card or the tag first."""
-
-
-class HubPushTransientError(HubPushError, ConnectionError):
-    """The Hub or the network failed (5xx, 408, 412, 429, connection errors): retrying later may work."""
-    transient = True
-
-
-class HubPushTimeout(HubPushError, TimeoutError):
-    """No answer within `timeout` (transient). The Hub may still apply a timed-out commit; a re-push is a no-op."""
-    transient = True
 
 
 @dataclass(frozen=True)
@@ -84,69 +52,6 @@ class PushResult:
     created_commit: bool
 
 
-def is_transient_hub_error(exc: BaseException) -> bool:
-    """True when retrying may fix `exc` (for a Prefect retry_condition_fn): HubPushError.transient, or for a raw
-    huggingface_hub / httpx2 error: 5xx, 408, 412, 429, timeouts and connection errors."""
-    if isinstance(exc, HubPushError):
-        return exc.transient
-    with contextlib.suppress(ImportError):
-        return bool((_classify(exc) or (False,))[0])
-    return False
-
-
-def build_model_card(adapter_dir: str | os.PathLike, *, base_model: str | None = None, license: str | None = None,
-                     datasets: Sequence[str] | None = None, tags: Sequence[str] | None = None,
-                     training: Mapping[str, Any] | None = None, repo_id: str | None = None) -> str:
-    """README.md text for a saved adapter folder, built with huggingface_hub's ModelCard / ModelCardData.
-
-    Args:
-        adapter_dir: a save_pretrained folder (adapter_config.json at the root and/or in adapter subfolders).
-        base_model: default: base_model_name_or_path of the adapter config. Metadata only when it looks like a
-            Hub repo id (not an existing local path); the text names it either way (a local one by folder name).
-        license, datasets: metadata, when given. tags: added to "lora", "peft", "adapterflow".
-        training: summary shown as a table (steps, final_loss, eval_loss_before, eval_loss_after, other scalars).
-        repo_id: for the loading snippet.
-
-    Returns:
-        The card: YAML front matter (library_name peft, pipeline_tag, tags, ...), then markdown.
-
-    Raises:
-        FileNotFoundError: no adapter_config.json in adapter_dir.
-    """
-    from huggingface_hub import ModelCard, ModelCardData
-
-    configs = _read_configs(Path(adapter_dir))
-    first = next(iter(configs.values()))
-    base = base_model if base_model is not None else first.get("base_model_name_or_path")
-    hub_base = base if base and _is_hub_repo_id(base) else None
-    pipeline_tag = PIPELINE_TAGS.get(first.get("task_type") or "CAUSAL_LM")
-    all_tags = [*DEFAULT_TAGS, *(tags or ()), *([f"base_model:adapter:{hub_base}"] if hub_base else [])]
-    data = ModelCardData(base_model=hub_base, library_name="peft", pipeline_tag=pipeline_tag, license=license,
-                         tags=list(dict.fromkeys(all_tags)), datasets=list(datasets) if datasets else None)
-    name = hub_base or (Path(base).name if base else None)
-    about = f"`{hub_base}`" if hub_base else f"the local base model `{name}` (not a Hub repo)" if base else "a model"
-    load_base = hub_base or "<path to the base model>"
-    auto = "AutoModelForCausalLM" if pipeline_tag == "text-generation" else "AutoModel"
-    rows = "\n".join(_row(adapter, *(c.get(k) for k in ("r", "lora_alpha", "target_modules", "init_lora_weights")))
-                     for adapter, c in configs.items())
-    body = (
-        f"# LoRA adapter for {name or 'a base model'}\n\n"
-        f"A LoRA adapter trained with adapterflow on {about}. It holds the adapter weights only, in PEFT's "
-        f"format; load it on top of the base model.\n\n## Usage\n\n"
-        f"```python\nfrom peft import PeftModel\nfrom transformers import {auto}\n\n"
-        f"base = {auto}.from_pretrained({json.dumps(load_base)})\n"
-        f"model = PeftModel.from_pretrained(base, {json.dumps(repo_id or '<this repo>')})\n```\n\n"
-        f"## Adapter configuration\n\n| adapter | r | lora_alpha | target modules | init |\n"
-        f"|---|---|---|---|---|\n{rows}\n"
-    )
-    if training:
-        rows = [(label, training[key]) for key, label in _TRAINING_LABELS.items() if key in training]
-        rows += [(k, v) for k, v in training.items() if k not in _TRAINING_LABELS and isinstance(v, (int, float, str))]
-        body += "\n## Training\n\n| | |\n|---|---|\n" + "".join(
-            _row(label, f"{value:.4f}" if isinstance(value, float) else value) + "\n" for label, value in rows)
-    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}"))
-
-
 def push_adapter_folder(folder: str | os.PathLike, repo_id: str, *, token: str | None = None,
                         endpoint: str | None = None, private: bool | None = None, revision: str | None = None,
                         tag: str | None = None, commit_message: str | None = None,
@@ -159,7 +64,8 @@ def push_adapter_folder(folder: str | os.PathLike, repo_id: str, *, token: str |
     does) -> create_tag (fine when the tag already points at that commit; an existing tag is never moved).
 
     Args:
-        folder: the adapter folder. repo_id: "namespace/name", or "name" for the token owner's namespace.
+        folder: a saved adapter folder (adapter_config.json at the root or in adapter subfolders), uploaded as it
+            is, hidden files (names starting with ".") left out. repo_id: "namespace/name", or "name" for the token owner's namespace.
         token: a write token (default: HF_TOKEN or the stored login). endpoint: default HF_ENDPOINT or the Hub.
         private: visibility of a repo this call creates. revision: a branch, created from main when missing.
         tag: tag the pushed commit. create_pr: open a pull request against main instead (not with revision).
@@ -176,13 +82,14 @@ def push_adapter_folder(folder: str | os.PathLike, repo_id: str, *, token: str |
             revision not found), other 4xx, an invalid card, a tag at another commit, a folder holding the token.
         HubPushTransientError, HubPushTimeout: the last transient error, after max_attempts. All are
             HubPushError (.transient, .status); neither their message nor their chain holds the token.
-        FileNotFoundError, ValueError: invalid arguments.
+        FileNotFoundError: the folder is missing or no saved adapter. ValueError: invalid arguments.
     """
     from huggingface_hub import HfApi, get_token
 
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"No adapter folder at {folder}.")
+    read_configs(folder)  # FileNotFoundError: not a saved adapter
     if max_attempts < 1:
         raise ValueError(f"max_attempts must be at least 1, got {max_attempts}.")
     if create_pr and revision not in (None, "main"):
@@ -193,7 +100,8 @@ def push_adapter_folder(folder: str | os.PathLike, repo_id: str, *, token: str |
     branch = revision or "main"
     ctx = _Context(repo_id, branch if revision else None, redact_text(api.endpoint), secrets, max_attempts, retry_delay)
     _refuse_folder_with_secret(folder, ctx)
-    with _client_scope(timeout):
+    with _PUSH_LOCK:
+        _configure_hub_client(timeout)
         ctx.repo_id = ctx.run("create repo", lambda: api.create_repo(repo_id, private=private, exist_ok=True)).repo_id
         if branch != "main":  # create_pr: branch is "main"
             ctx.run("create branch", lambda: api.create_branch(ctx.repo_id, branch=branch, exist_ok=True))
@@ -208,7 +116,7 @@ def push_adapter_folder(folder: str | os.PathLike, repo_id: str, *, token: str |
                 repo_id=ctx.repo_id, folder_path=folder, revision=None if create_pr else branch,
                 commit_message=commit_message or "Upload adapter with adapterflow",
                 commit_description=commit_description, create_pr=create_pr, parent_commit=parent,
-                delete_patterns=_stale_weights(folder))
+                delete_patterns=_stale_weights(folder), ignore_patterns=[".*", "*/.*"])
 
         info = ctx.run("upload", upload)
         if tag:
@@ -268,77 +176,45 @@ class _Context:
             except HubPushError as exc:
                 error, retry_after = exc, None
             except Exception as exc:
-                if (kind := _classify(exc)) is None:
+                if (kind := classify(exc)) is None:
                     raise
-                error, retry_after = self._error(exc, step, *kind), _retry_after(exc)
+                error = hub_error(exc, step, *kind, repo_id=self.repo_id, revision=self.revision,
+                                  endpoint=self.endpoint, scrub=self.scrub)
+                retry_after = retry_after_seconds(exc)
             if not error.transient or attempt == self.max_attempts:
                 raise error  # outside the except block: no __context__ pointing at the client's exception
             delay = max(min(self.retry_delay * 2 ** (attempt - 1), 30.0), min(retry_after or 0.0, 60.0))
             logger.warning("%s (attempt %d/%d); retrying in %.2f s.", error, attempt, self.max_attempts, delay)
             time.sleep(delay)
 
-    def _error(self, exc: BaseException, step: str, transient: bool, status: int | None) -> HubPushError:
-        import httpx2
 
-        detail = " ".join(self.scrub(getattr(exc, "server_message", None) or str(exc) or repr(exc)).split())[:500]
-        revision = f" and revision {self.revision!r}" if self.revision else ""
-        hints = {401: "the token is invalid or missing. Set HF_TOKEN (or pass token=) to a token with write scope.",
-                 403: f"the token lacks write access to {self.repo_id} (namespace {self.repo_id.split('/')[0]!r}). "
-                      f"Use a token with write scope for that namespace, or push to a namespace you own.",
-                 404: f"repository or revision not found: check repo_id {self.repo_id!r}{revision}."}
-        timed_out = isinstance(exc, (httpx2.TimeoutException, TimeoutError))
-        reason = f"HTTP {status}" if status else ("timed out" if timed_out else type(exc).__name__)
-        hint = hints.get(status, "retrying later may work." if transient else "retrying will not help.")
-        cls = HubPushTimeout if timed_out else HubPushTransientError if transient else HubPushPermanentError
-        return cls(f"Hub push failed ({reason}) during {step} of {self.repo_id} at {self.endpoint}: {hint} "
-                   f"({'Hub said' if status else 'error'}: {detail})", status=status, repo_id=self.repo_id, step=step)
+def _configure_hub_client(timeout: float | None) -> None:
+    """The process-wide huggingface_hub settings a push needs, set once per process (call under _PUSH_LOCK).
 
-
-def _classify(exc: BaseException) -> tuple[bool, int | None] | None:
-    """(transient, HTTP status) of an error raised by the Hub client; None for errors that are not about the Hub."""
-    import httpx2
-    from huggingface_hub.errors import OfflineModeIsEnabled
-
-    status = getattr(getattr(exc, "response", None), "status_code", None)
-    if isinstance(exc, OfflineModeIsEnabled):
-        return False, None
-    if isinstance(status, int):
-        return status in TRANSIENT_STATUSES or status >= 500, status
-    if isinstance(exc, (httpx2.TimeoutException, httpx2.NetworkError, httpx2.RemoteProtocolError,
-                        ConnectionError, TimeoutError)):  # builtins.ConnectionError: raised by hf_xet
-        return True, None
-    if isinstance(exc, (httpx2.HTTPError, OSError, ValueError)):  # ValueError: e.g. invalid card metadata
-        return False, None
-    return None
-
-
-def _retry_after(exc: BaseException) -> float | None:
-    value = (getattr(getattr(exc, "response", None), "headers", None) or {}).get("Retry-After")
-    return float(value) if value and value.strip().isdigit() else None
-
-
-@contextlib.contextmanager
-def _client_scope(timeout: float | None) -> Iterator[None]:
-    """Classic LFS uploads and a request timeout for the duration of a push; the previous settings after."""
+    Why global: in huggingface_hub 2.4 every HfApi call uses the one shared client from `get_session()`, made
+    by the factory given to the public `set_client_factory`; there is no per-HfApi client or upload timeout.
+    And Xet is chosen by `constants.HF_HUB_DISABLE_XET` alone (no per-call switch).
+    1. Xet off for the process: its pipelined upload retries the commit POST and can duplicate a commit; the
+       classic LFS path makes exactly one. Downloads then use plain HTTP, which every Hub serves.
+    2. A client with `timeout` (default factory: no timeout at all, so a stalled upload hangs forever). It is
+       installed again only when the timeout changes (that closes the shared client, hence the lock), and
+       replaces a factory someone else installed; timeout=None leaves the client alone.
+    """
     import httpx2
     from huggingface_hub import constants
     from huggingface_hub.utils import _http, set_client_factory
 
-    previous = getattr(_http, "_GLOBAL_CLIENT_FACTORY", _http.default_client_factory)
+    constants.HF_HUB_DISABLE_XET = True
+    if timeout is None or _client_timeout == [timeout]:
+        return
 
     def factory() -> httpx2.Client:
-        client = previous()  # default: httpx2.Client(event_hooks={"request": [hf_request_event_hook]}, ...)
+        client = _http.default_client_factory()  # huggingface_hub's own event hooks and redirects
         client.timeout = httpx2.Timeout(timeout)
         return client
 
-    with _PUSH_LOCK:
-        xet_disabled, constants.HF_HUB_DISABLE_XET = constants.HF_HUB_DISABLE_XET, True
-        set_client_factory(factory)
-        try:
-            yield
-        finally:
-            set_client_factory(previous)
-            constants.HF_HUB_DISABLE_XET = xet_disabled
+    set_client_factory(factory)
+    _client_timeout[:] = [timeout]
 
 
 def _tag(api, ctx: _Context, tag: str, oid: str) -> Any:
@@ -370,26 +246,3 @@ def _refuse_folder_with_secret(folder: Path, ctx: _Context) -> None:
             if any(data.find(needle) != -1 for needle in needles):
                 raise HubPushPermanentError(f"{path.relative_to(folder)} contains the Hub token; not uploading it.",
                                             repo_id=ctx.repo_id, step="check folder")
-
-
-def _read_configs(folder: Path) -> dict[str, dict]:
-    paths = [(formats.DEFAULT_ADAPTER_NAME, folder / formats.CONFIG_NAME)]
-    paths += [(p.parent.name, p) for p in sorted(folder.glob(f"*/{formats.CONFIG_NAME}"))]
-    configs = {name: json.loads(path.read_text()) for name, path in paths if path.is_file()}
-    if not configs:
-        raise FileNotFoundError(f"No {formats.CONFIG_NAME} in {folder} or its subfolders.")
-    return configs
-
-
-def _is_hub_repo_id(name: str) -> bool:
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    with contextlib.suppress(HFValidationError):
-        return not (os.path.exists(name) or name.startswith((".", "~")) or os.path.isabs(name)) and (
-            validate_repo_id(name) is None)
-    return False
-
-
-def _row(*cells: Any) -> str:
-    text = (", ".join(sorted(c)) if isinstance(c, list) else str(c) for c in cells)
-    return "| " + " | ".join(t.replace("|", "\\|").replace("\n", " ") for t in text) + " |"

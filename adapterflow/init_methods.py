@@ -20,6 +20,24 @@ if TYPE_CHECKING:
 
 _PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
 SUPPORTED = 'True, False, "gaussian", "pissa" or "pissa_niter_<K>"'
+# The pipeline's `adapter.init` names (one word each, so they fit a form field and a tag) -> init_lora_weights.
+# "pissa" and "pissa_niter_<K>" are PEFT's own values and pass through.
+PIPELINE_INIT_PATTERN = r"^(lora|gaussian|random|pissa|pissa_niter_[0-9]+)$"
+PIPELINE_INIT_ALIASES: dict[str, Union[bool, str]] = {"lora": True, "gaussian": "gaussian", "random": False}
+
+
+def init_lora_weights_for(init: str) -> Union[bool, str]:
+    """The LoraConfig.init_lora_weights value for a pipeline `adapter.init` name ("lora" -> True, "random" ->
+    False, "gaussian", "pissa", "pissa_niter_4" as they are); ValueError for a name outside PIPELINE_INIT_PATTERN."""
+    if not re.fullmatch(PIPELINE_INIT_PATTERN, init):
+        raise ValueError(f"adapter.init={init!r} is not supported; use lora, gaussian, random, pissa or pissa_niter_<K>.")
+    return PIPELINE_INIT_ALIASES.get(init, init)
+
+
+def pipeline_init_name(init_lora_weights: Union[bool, str]) -> str:
+    """The inverse of init_lora_weights_for: True -> "lora", False -> "random", strings as they are."""
+    names = {value: name for name, value in PIPELINE_INIT_ALIASES.items() if isinstance(value, bool)}
+    return names[init_lora_weights] if isinstance(init_lora_weights, bool) else str(init_lora_weights)
 
 
 def parse_init_method(value: Union[bool, str]) -> tuple[str, dict]:

@@ -1,16 +1,30 @@
-"""The README.md model card written next to saved adapters.
+"""The README.md model card of a saved adapter: the one renderer, for the output folder and for the Hub.
 
-Like PEFT's, it starts with YAML front matter that the Hub reads (base_model, library_name: peft, pipeline_tag,
-tags). The core writes YAML by hand (JSON-quoted scalars are valid YAML) so it needs no YAML library. A card
-that already exists is never rewritten: only the metadata keys it lacks are added, so a user's own text stays.
+Like PEFT's card it starts with YAML front matter that the Hub reads, then markdown: what the adapter is, how to
+load it, the adapter configuration and, when known, a training summary. Two metadata policies, chosen by
+whether publishing inputs (`ModelCardInfo`) are given:
+
+- plain `save_pretrained` (no info): PEFT's metadata (peft `utils/other.py` / `PeftModel.create_or_update_model_card`):
+  base_model as configured, library_name peft, pipeline_tag, tags `base_model:adapter:<base>`, lora, transformers.
+- publishing (`ModelCardInfo`, the pipeline's save step and `push_to_hub`): the Hub's metadata rules
+  (huggingface_hub ModelCardData): base_model only when it is a Hub repo id (the Hub rejects a local path there),
+  tags lora, peft, adapterflow plus the user's, license and datasets when given.
+
+The YAML is written by hand (JSON-quoted scalars are valid YAML), so the library needs no YAML or Hub library.
+A card that already exists is never rewritten: only the metadata keys it lacks are added, so a user's text stays.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Mapping
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
 
+from adapterflow import formats
 from adapterflow.config import LoraConfig
+from adapterflow.model_references import is_hub_model_id
 
 # PEFT's TaskType -> Hub pipeline tag.
 PIPELINE_TAGS = {
@@ -20,44 +34,129 @@ PIPELINE_TAGS = {
     "QUESTION_ANS": "question-answering",
     "FEATURE_EXTRACTION": "feature-extraction",
 }
+DEFAULT_TAGS = ("lora", "peft", "adapterflow")
+_TRAINING_LABELS = {"steps": "steps", "final_loss": "final training loss",
+                    "eval_loss_before": "eval loss before training", "eval_loss_after": "eval loss after training"}
 
 
-def card_metadata(configs: Mapping[str, LoraConfig]) -> dict[str, object]:
-    """The front matter PEFT writes: base_model, library_name, pipeline_tag (when known) and tags."""
+@dataclass(frozen=True)
+class ModelCardInfo:
+    """What a published card says beyond the adapter configs.
+
+    base_model: the base as the user named it (default: the config's base_model_name_or_path); Hub metadata
+        only when it is a Hub repo id. license, datasets: Hub metadata. tags: added to DEFAULT_TAGS.
+    training: summary shown as a table (steps, final_loss, eval_loss_before, eval_loss_after, other scalars).
+    repo_id: the Hub repo, for the loading snippet.
+    """
+
+    base_model: Optional[str] = None
+    license: Optional[str] = None
+    datasets: Sequence[str] = ()
+    tags: Sequence[str] = ()
+    training: Optional[Mapping[str, Any]] = field(default=None, hash=False)
+    repo_id: Optional[str] = None
+
+
+def card_metadata(configs: Mapping[str, LoraConfig], info: Optional[ModelCardInfo] = None) -> dict[str, object]:
+    """The front matter: PEFT's without `info`, the Hub's with it (see the module docstring)."""
     config = next(iter(configs.values()))
-    base = config.base_model_name_or_path
     metadata: dict[str, object] = {}
-    if base:
-        metadata["base_model"] = base
+    if info is None:
+        base = config.base_model_name_or_path
+        metadata.update({"base_model": base} if base else {})
+        metadata["library_name"] = "peft"
+        metadata.update({"pipeline_tag": PIPELINE_TAGS[config.task_type]} if config.task_type in PIPELINE_TAGS else {})
+        metadata["tags"] = ([f"base_model:adapter:{base}"] if base else []) + ["lora", "transformers"]
+        return metadata
+    hub_base = _hub_base(config, info)
+    metadata.update({"base_model": hub_base} if hub_base else {})
+    metadata.update({"datasets": list(info.datasets)} if info.datasets else {})
     metadata["library_name"] = "peft"
-    if config.task_type in PIPELINE_TAGS:
-        metadata["pipeline_tag"] = PIPELINE_TAGS[config.task_type]
-    tags = [f"base_model:adapter:{base}"] if base else []
-    metadata["tags"] = tags + ["lora", "transformers"]
-    return metadata
+    metadata.update({"license": info.license} if info.license else {})
+    metadata["pipeline_tag"] = PIPELINE_TAGS.get(config.task_type or "CAUSAL_LM")
+    tags = [*DEFAULT_TAGS, *info.tags, *([f"base_model:adapter:{hub_base}"] if hub_base else [])]
+    metadata["tags"] = list(dict.fromkeys(tags))
+    return {k: v for k, v in metadata.items() if v is not None}
 
 
-def render_model_card(configs: Mapping[str, LoraConfig], existing: str | None = None) -> str:
-    """README.md text for a save directory holding `configs` (adapter name -> config)."""
-    metadata = card_metadata(configs)
+def render_model_card(configs: Mapping[str, LoraConfig], existing: Optional[str] = None,
+                      info: Optional[ModelCardInfo] = None) -> str:
+    """README.md text for a save directory holding `configs` (adapter name -> config).
+
+    Args:
+        configs: the adapters of the folder, "default" first when present.
+        existing: the folder's current README.md, if any: kept, gaining only missing metadata keys.
+        info: publishing inputs (see ModelCardInfo); None for PEFT's plain save_pretrained card.
+    """
+    metadata = card_metadata(configs, info)
     if existing is not None:
         return _add_missing_metadata(existing, metadata)
-    rows = "\n".join(
-        f"| {name} | {c.r} | {c.lora_alpha} | {_targets(c)} | {c.init_lora_weights} |" for name, c in configs.items()
+    config = next(iter(configs.values()))
+    base = (info.base_model if info else None) or config.base_model_name_or_path
+    hub_base = _hub_base(config, info or ModelCardInfo())
+    name = hub_base or (Path(base).name if base else None)
+    about = f"`{hub_base}`" if hub_base else f"the local base model `{name}` (not a Hub repo)" if base else "a model"
+    auto = "AutoModelForCausalLM" if metadata.get("pipeline_tag", "text-generation") == "text-generation" else "AutoModel"
+    rows = "\n".join(_row(adapter, c.r, c.lora_alpha, c.target_modules, c.init_lora_weights)
+                     for adapter, c in configs.items())
+    body = (
+        f"# LoRA adapter for {name or 'a base model'}\n\n"
+        f"A LoRA adapter made with adapterflow for {about}. It holds the adapter weights only, in PEFT's "
+        f"format; load it on top of the base model.\n\n## Usage\n\n"
+        f"```python\nfrom peft import PeftModel\nfrom transformers import {auto}\n\n"
+        f"base = {auto}.from_pretrained({json.dumps(hub_base or '<path to the base model>')})\n"
+        f"model = PeftModel.from_pretrained(base, {json.dumps((info and info.repo_id) or '<this folder or repo>')})\n"
+        f"```\n\n## Adapter configuration\n\n| adapter | r | lora_alpha | target modules | init |\n"
+        f"|---|---|---|---|---|\n{rows}\n"
     )
-    base = metadata.get("base_model", "an unnamed base model")
-    return (
-        f"{_front_matter(metadata)}\n"
-        f"# LoRA adapter for {base}\n\n"
-        f"Adapter weights only; load them on top of the base model with PEFT:\n\n"
-        f"```python\nfrom peft import PeftModel\nmodel = PeftModel.from_pretrained(base_model, \"<this folder or repo>\")\n```\n\n"
-        f"| adapter | r | lora_alpha | target modules | init |\n|---|---|---|---|---|\n{rows}\n"
-    )
+    return f"{_front_matter(metadata)}\n{body}{_training_section(info.training if info else None)}"
 
 
-def _targets(config: LoraConfig) -> str:
-    targets = config.target_modules
-    return ", ".join(targets) if isinstance(targets, list) else str(targets)
+def build_model_card(adapter_dir: str | os.PathLike, *, base_model: Optional[str] = None,
+                     license: Optional[str] = None, datasets: Optional[Sequence[str]] = None,
+                     tags: Optional[Sequence[str]] = None, training: Optional[Mapping[str, Any]] = None,
+                     repo_id: Optional[str] = None) -> str:
+    """The published card (ModelCardInfo's arguments) for a saved adapter folder, ignoring its current README.
+
+    Raises:
+        FileNotFoundError: no adapter_config.json in adapter_dir or its adapter subfolders.
+    """
+    info = ModelCardInfo(base_model=base_model, license=license, datasets=tuple(datasets or ()),
+                         tags=tuple(tags or ()), training=training, repo_id=repo_id)
+    return render_model_card(read_configs(Path(adapter_dir)), info=info)
+
+
+def read_configs(folder: Path) -> dict[str, LoraConfig]:
+    """The adapter configs of a save_pretrained folder: "default" at the root, others in `<name>/`.
+
+    Raises:
+        FileNotFoundError: there is none (the folder is no saved adapter).
+    """
+    paths = [(formats.DEFAULT_ADAPTER_NAME, folder)]
+    paths += [(p.parent.name, p.parent) for p in sorted(folder.glob(f"*/{formats.CONFIG_NAME}"))]
+    configs = {name: LoraConfig.from_pretrained(path) for name, path in paths if (path / formats.CONFIG_NAME).is_file()}
+    if not configs:
+        raise FileNotFoundError(f"No {formats.CONFIG_NAME} in {folder} or its subfolders: not a saved adapter folder.")
+    return configs
+
+
+def _hub_base(config: LoraConfig, info: ModelCardInfo) -> Optional[str]:
+    base = info.base_model or config.base_model_name_or_path
+    return base if base and is_hub_model_id(base) else None
+
+
+def _training_section(training: Optional[Mapping[str, Any]]) -> str:
+    if not training:
+        return ""
+    rows = [(label, training[key]) for key, label in _TRAINING_LABELS.items() if training.get(key) is not None]
+    rows += [(k, v) for k, v in training.items() if k not in _TRAINING_LABELS and isinstance(v, (int, float, str))]
+    return "\n## Training\n\n| | |\n|---|---|\n" + "".join(
+        _row(label, f"{value:.4f}" if isinstance(value, float) else value) + "\n" for label, value in rows)
+
+
+def _row(*cells: Any) -> str:
+    text = (", ".join(sorted(c)) if isinstance(c, (list, set, tuple)) else str(c) for c in cells)
+    return "| " + " | ".join(t.replace("|", "\\|").replace("\n", " ") for t in text) + " |"
 
 
 def _front_matter(metadata: Mapping[str, object]) -> str:

@@ -24,7 +24,7 @@ from adapterflow.atomic import staged_directory
 from adapterflow.config import LoraConfig
 from adapterflow.init_methods import is_randomized_pissa
 from adapterflow.layers import LoraLinear
-from adapterflow.model_card import render_model_card
+from adapterflow.model_card import ModelCardInfo, render_model_card
 from adapterflow.pissa import convert_pissa_to_lora
 from adapterflow.serialization import payload_bytes, read_weights, write_weights
 from adapterflow.state_dict import SaveEmbeddingLayers, adapter_layers, get_adapter_state_dict
@@ -33,9 +33,11 @@ Adapter = tuple[dict[str, torch.Tensor], LoraConfig]
 
 
 def write_adapters(
-    save_directory: str | os.PathLike, adapters: Mapping[str, Adapter], safe_serialization: bool = True
+    save_directory: str | os.PathLike, adapters: Mapping[str, Adapter], safe_serialization: bool = True,
+    card: ModelCardInfo | None = None,
 ) -> list[Path]:
     """Write adapters (name -> (state dict, config)) and the model card into `save_directory`, atomically.
+    `card`: publishing inputs for the model card (adapterflow.model_card); None writes PEFT's card.
 
     "default" goes to the root, any other adapter to `<save_directory>/<name>/`. Files of the directory that
     are not rewritten stay, except a weights file of the other format in a rewritten adapter folder, which would
@@ -65,7 +67,7 @@ def write_adapters(
             (folder / formats.CONFIG_NAME).write_text(config.for_saving().to_json_string())
             written += [formats.adapter_dir(root, name) / n for n in (weights, formats.CONFIG_NAME)]
         configs = {name: config for name, (_, config) in adapters.items()}
-        (staging / formats.MODEL_CARD_NAME).write_text(render_model_card(configs, existing_card))
+        (staging / formats.MODEL_CARD_NAME).write_text(render_model_card(configs, existing_card, card))
         written.append(card_path)
     return written
 

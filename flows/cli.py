@@ -120,7 +120,7 @@ class _NoTraceback:
 def _report(exc: BaseException, debug: bool = False) -> None:
     """One block on stderr: what is wrong and what to do, then exit 2 for a mistake in what the user gave, 1 for
     a run that failed otherwise."""
-    from adapterflow.tasks.policy import is_user_error
+    from adapterflow.tasks.retries import is_user_error
 
     text = str(exc).strip() or type(exc).__name__
     if is_user_error(exc):

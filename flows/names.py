@@ -260,12 +260,9 @@ def _builtin_names() -> set[str]:
 
 
 def _is_local(reference: str, cwd: Path) -> bool:
-    from adapterflow.flows.parameters import is_local_reference
+    from adapterflow.model_references import is_local_reference
 
-    try:
-        return is_local_reference(reference, cwd)
-    except OSError:  # a name too long for the file system is no folder
-        return False
+    return is_local_reference(reference, cwd)  # a name too long for the file system is no folder
 
 
 def _exists(path: Path) -> bool:

@@ -12,13 +12,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from adapterflow import LoraConfig
 from adapterflow.flows import names
+from adapterflow.init_methods import PIPELINE_INIT_PATTERN, init_lora_weights_for
+from adapterflow.model_references import BUILTIN_PREFIX, is_local_reference
 from adapterflow.redaction import redact_text, register_secret, url_password
 
-INIT_PATTERN = r"^(lora|gaussian|random|pissa|pissa_niter_[0-9]+)$"
-_INIT_TO_LORA = {"lora": True, "gaussian": "gaussian", "random": False}
-
-
-BUILTIN_PREFIX = "builtin:"
+__all__ = ["BUILTIN_PREFIX", "is_local_reference"]  # re-exported: the pipeline imports them from here
 
 
 class ParameterError(ValueError):
@@ -32,14 +30,6 @@ def local_path(path: str | os.PathLike) -> Path:
     """A path parameter as an absolute path: relative paths resolve against the current directory (the user's
     folder for `adapterflow run`, the deployment's working directory for a deployment run), `..` folded away."""
     return Path(os.path.normpath(Path(path).expanduser().absolute()))
-
-
-def is_local_reference(value: str, base: Path) -> bool:
-    """Whether a base-model (or dataset) reference names a local path rather than a Hub id or a builtin: it
-    exists relative to `base`, or it is spelt as a path (absolute, `~`, `./`, `../`)."""
-    if value.startswith(BUILTIN_PREFIX) or "://" in value:  # a builtin name or a URL
-        return False
-    return value.startswith(("/", "~", "./", "../")) or value in (".", "..") or (base / value).exists()
 
 
 class CredentialInUrlWarning(UserWarning):
@@ -93,7 +83,7 @@ class AdapterSettings(_Section):
     name: str = Field("default", pattern=r"^[A-Za-z0-9_-]+$",
                       description="adapter name (a folder name for non-default): letters, digits, _ and -, at most "
                                   "NAME_MAX - 40 bytes (215 on most file systems)")
-    init: str = Field("pissa_niter_4", pattern=INIT_PATTERN,
+    init: str = Field("pissa_niter_4", pattern=PIPELINE_INIT_PATTERN,
                       description="lora | gaussian | random | pissa | pissa_niter_<K>")
     r: int = Field(8, ge=1, description="LoRA rank")
     lora_alpha: float = Field(16, gt=0)
@@ -112,7 +102,7 @@ class AdapterSettings(_Section):
         return LoraConfig(
             r=self.r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout, target_modules=self.target_modules,
             exclude_modules=self.exclude_modules, bias=self.bias, use_rslora=self.use_rslora,
-            modules_to_save=self.modules_to_save, init_lora_weights=_INIT_TO_LORA.get(self.init, self.init),
+            modules_to_save=self.modules_to_save, init_lora_weights=init_lora_weights_for(self.init),
             rank_pattern=dict(self.rank_pattern), alpha_pattern=dict(self.alpha_pattern),
             layers_to_transform=self.layers_to_transform, layers_pattern=self.layers_pattern,
             base_model_name_or_path=base_model_name_or_path, task_type="CAUSAL_LM",

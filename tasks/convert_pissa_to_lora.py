@@ -13,7 +13,7 @@ from prefect.states import Completed
 
 from adapterflow.init_methods import is_pissa
 from adapterflow.runtime.run_dir import final_adapter
-from adapterflow.tasks.policy import RESULT_OPTIONS, RETRY_OPTIONS
+from adapterflow.tasks.retries import RESULT_OPTIONS, RETRY_OPTIONS
 from adapterflow.tasks.run_plan import RunPlan
 
 

@@ -7,7 +7,7 @@ from prefect import task
 from adapterflow import read_adapter
 from adapterflow.runtime.run_dir import adapter_modules
 from adapterflow.verify import check_adapter_state
-from adapterflow.tasks.policy import RESULT_OPTIONS, RETRY_OPTIONS
+from adapterflow.tasks.retries import RESULT_OPTIONS, RETRY_OPTIONS
 from adapterflow.tasks.run_plan import RunPlan
 
 

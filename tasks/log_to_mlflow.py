@@ -13,8 +13,8 @@ from prefect.states import Completed
 from adapterflow.redaction import install_log_redaction
 from adapterflow.runtime.run_dir import read_json
 from adapterflow.flows.parameters import MlflowSettings, local_path
-from adapterflow.tasks.mlflow_logging import is_transient_mlflow_error, log_adapter_run
-from adapterflow.tasks.policy import RESULT_OPTIONS, is_transient, retry_options
+from adapterflow.integrations.mlflow_logging import log_adapter_run
+from adapterflow.tasks.retries import RESULT_OPTIONS, RETRY_OPTIONS
 from adapterflow.tasks.prefect_links import flow_run_url
 from adapterflow.tasks.run_plan import RunPlan
 
@@ -22,13 +22,7 @@ from adapterflow.tasks.run_plan import RunPlan
 install_log_redaction()
 
 
-def _transient(exc: BaseException) -> bool:
-    from mlflow.exceptions import MlflowException  # mlflow is imported only when this step runs
-
-    return is_transient_mlflow_error(exc) if isinstance(exc, MlflowException) else is_transient(exc)
-
-
-@task(name="log-to-mlflow", **retry_options(_transient), **RESULT_OPTIONS)
+@task(name="log-to-mlflow", **RETRY_OPTIONS, **RESULT_OPTIONS)
 def log_to_mlflow(plan: RunPlan, settings: MlflowSettings, saved: dict, verification: dict, flow_run_id: str):
     """Returns the MLflow run and model version ids and URLs ({} and a "Skipped" state when mlflow.enabled is false).
 

@@ -15,7 +15,7 @@ from adapterflow.flows.parameters import SaveAdapterParameters, local_path
 from adapterflow.init_methods import is_pissa
 from adapterflow.redaction import redact
 from adapterflow.runtime.run_dir import RunDir, read_json, write_json
-from adapterflow.tasks.policy import RESULT_OPTIONS, RETRY_OPTIONS
+from adapterflow.tasks.retries import RESULT_OPTIONS, RETRY_OPTIONS
 from adapterflow.tasks.run_plan import ParameterError, RunPlan, check_run, training_settings
 
 __all__ = ["ParameterError", "claim_output_dir", "prepare_run"]

@@ -1,4 +1,7 @@
-"""push-to-hub: publish the saved adapter (and a Hub model card) to a Hugging Face Hub model repo as one commit.
+"""push-to-hub: publish the saved output folder, as it is, to a Hugging Face Hub model repo as one commit.
+
+The folder's README.md is already the Hub card (the save step renders it with adapterflow.model_card); nothing
+is copied or rewritten here.
 
 Skipped (a Completed state named "Skipped") when no hub.repo_id is given. The token comes from a Prefect Secret
 block (hub.token_secret_block) or HF_TOKEN, and is never logged, returned or written anywhere: a token from a
@@ -7,19 +10,15 @@ block is registered with adapterflow.redaction, whose filter scrubs it (and URL 
 
 from __future__ import annotations
 
-import shutil
-
 from prefect import task
 from prefect.artifacts import create_link_artifact
 from prefect.states import Completed
 
-from adapterflow import formats
-from adapterflow.hub import build_model_card, push_adapter_folder
+from adapterflow.hub import push_adapter_folder
 from adapterflow.redaction import install_log_redaction, redact_text, register_secret
-from adapterflow.runtime.run_dir import read_json
 from adapterflow.flows.parameters import HubSettings, MlflowSettings, local_path
-from adapterflow.tasks.mlflow_logging import resolve_tracking_uri, set_hub_commit_tag
-from adapterflow.tasks.policy import RESULT_OPTIONS, RETRY_OPTIONS
+from adapterflow.integrations.mlflow_logging import resolve_tracking_uri, set_hub_commit_tag
+from adapterflow.tasks.retries import RESULT_OPTIONS, RETRY_OPTIONS
 from adapterflow.tasks.run_plan import RunPlan
 
 
@@ -31,7 +30,7 @@ def push_to_hub(plan: RunPlan, settings: HubSettings, mlflow_settings: MlflowSet
     install_log_redaction()
     if not settings.repo_id:
         return Completed(name="Skipped", message="Skipped: no hub.repo_id given", data={})
-    folder = _upload_folder(plan, settings, saved)
+    folder = saved["output_dir"]
     mlflow_note = f", MLflow run {tracked['run_id']}" if tracked else ""
     result = push_adapter_folder(
         folder, settings.repo_id, token=_token(settings), endpoint=settings.endpoint, private=settings.private,
@@ -46,19 +45,6 @@ def push_to_hub(plan: RunPlan, settings: HubSettings, mlflow_settings: MlflowSet
                            registered_model_name=tracked["registered_model_name"], model_version=tracked["model_version"])
     return {"repo_id": result.repo_id, "commit_url": commit_url, "commit_oid": result.commit_oid,
             "created_commit": result.created_commit}
-
-
-def _upload_folder(plan: RunPlan, settings: HubSettings, saved: dict):
-    """<run>/hub: the saved adapter files plus the Hub model card (the core's README stays in the output folder)."""
-    folder = plan.run.root / "hub"
-    shutil.rmtree(folder, ignore_errors=True)
-    shutil.copytree(saved["output_dir"], folder, ignore=shutil.ignore_patterns(".*"))
-    training = read_json(plan.run.training_summary)
-    summary = {k: training[k] for k in ("steps", "final_loss", "eval_loss_before", "eval_loss_after")}
-    card = build_model_card(folder, license=settings.license, datasets=settings.datasets, tags=settings.tags,
-                            training=summary, repo_id=settings.repo_id)
-    (folder / formats.MODEL_CARD_NAME).write_text(card)
-    return folder
 
 
 def _token(settings: HubSettings) -> str | None:

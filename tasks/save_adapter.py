@@ -9,7 +9,8 @@ from prefect.artifacts import create_table_artifact
 
 from adapterflow import formats, write_adapters
 from adapterflow.runtime.run_dir import final_adapter
-from adapterflow.tasks.policy import RESULT_OPTIONS, RETRY_OPTIONS
+from adapterflow.tasks.model_card_inputs import card_info
+from adapterflow.tasks.retries import RESULT_OPTIONS, RETRY_OPTIONS
 from adapterflow.tasks.run_plan import RunPlan
 
 
@@ -22,7 +23,8 @@ def save_adapter(plan: RunPlan, source: dict) -> dict:
         {"output_dir", "adapter_dir", "files": [{"name", "bytes", "sha256"}], "converted"}.
     """
     state, config = final_adapter(source["path"], source.get("initial"))
-    written = write_adapters(plan.output_dir, {plan.adapter_name: (state, config)}, plan.safe_serialization)
+    written = write_adapters(plan.output_dir, {plan.adapter_name: (state, config)}, plan.safe_serialization,
+                             card=card_info(plan))  # the README.md is the Hub's card: the push uploads this folder
     files = [{"name": str(path.relative_to(plan.output_dir)), "bytes": path.stat().st_size,
               "sha256": hashlib.sha256(path.read_bytes()).hexdigest()} for path in written]
     create_table_artifact(key="saved-files", table=files, description=f"Adapter files in {plan.output_dir}")

@@ -11,7 +11,7 @@ from adapterflow.runtime.checkpoints import Checkpoints
 from adapterflow.runtime.data import collate, load_examples, split_examples, tokenize
 from adapterflow.runtime.run_dir import build_adapter_model, write_json, write_probe
 from adapterflow.runtime.training import evaluate, train
-from adapterflow.tasks.policy import RESULT_OPTIONS, RETRY_OPTIONS
+from adapterflow.tasks.retries import RESULT_OPTIONS, RETRY_OPTIONS
 from adapterflow.tasks.run_plan import RunPlan
 
 PROBE_SIZE = 4  # eval examples whose logits verification compares

@@ -8,7 +8,7 @@ from prefect.artifacts import create_markdown_artifact
 from adapterflow.runtime.base_models import load_base_model
 from adapterflow.runtime.run_dir import read_probe
 from adapterflow.verify import VerificationError, VerificationReport, verify_adapter
-from adapterflow.tasks.policy import RESULT_OPTIONS, RETRY_OPTIONS
+from adapterflow.tasks.retries import RESULT_OPTIONS, RETRY_OPTIONS
 from adapterflow.tasks.run_plan import RunPlan
 
 

@@ -11,7 +11,10 @@ import pytest
 ROOT = Path(__file__).parents[1]
 PACKAGES = ("adapterflow", "flows", "tasks")
 SOURCES = sorted(p for package in PACKAGES for p in (ROOT / package).rglob("*.py"))
-MAX_LINES = 400
+MAX_LINES = 300
+# Modules still over MAX_LINES, with the most they may have until they are split (owners: see issue #12).
+OVERSIZED = {"adapterflow/model.py": 358, "adapterflow/config.py": 304}
+MAX_FUNCTION_LINES = 60
 
 
 def imported_modules(path: Path) -> set[str]:
@@ -32,7 +35,26 @@ def test_no_runtime_import_of_peft(path):
 
 @pytest.mark.parametrize("path", SOURCES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_modules_stay_small(path):
-    assert len(path.read_text().splitlines()) <= MAX_LINES
+    limit = OVERSIZED.get(path.relative_to(ROOT).as_posix(), MAX_LINES)
+    assert len(path.read_text().splitlines()) <= limit
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_functions_stay_short(path):
+    """At most MAX_FUNCTION_LINES lines of code per function, its docstring not counted."""
+    long = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            if node.end_lineno - node.lineno + 1 - _docstring_lines(node) > MAX_FUNCTION_LINES:
+                long.append(node.name)
+    assert long == []
+
+
+def _docstring_lines(node) -> int:
+    if ast.get_docstring(node) is None:
+        return 0
+    first = node.body[0]
+    return first.end_lineno - first.lineno + 1
 
 
 def test_core_package_imports_only_torch_and_safetensors():
@@ -43,8 +65,33 @@ def test_core_package_imports_only_torch_and_safetensors():
 
 
 def test_core_modules_never_import_prefect_or_mlflow():
+    """Only adapterflow/integrations/ talks to MLflow; nothing under adapterflow/ imports Prefect."""
     for path in (ROOT / "adapterflow").rglob("*.py"):
-        assert not imported_modules(path) & {"prefect", "mlflow"}, path
+        allowed = {"mlflow"} if "integrations" in path.relative_to(ROOT / "adapterflow").parts else set()
+        assert not imported_modules(path) & ({"prefect", "mlflow"} - allowed), path
+
+
+def test_the_integrations_do_not_import_prefect_or_the_pipeline_tasks():
+    for path in (ROOT / "adapterflow" / "integrations").glob("*.py"):
+        assert not {m for m in _full_imports(path) if m.split(".")[0] == "prefect"
+                    or m.startswith("adapterflow.tasks")}, path
+
+
+def test_one_retry_condition_for_every_task():
+    """tasks/retries.py's is_transient is the only retry condition: every task's retry_condition_fn is the
+    same function, and no task module defines its own classifier."""
+    import importlib
+
+    retries = importlib.import_module("adapterflow.tasks.retries")
+    from prefect import Task
+
+    tasks = [obj for path in sorted((ROOT / "tasks").glob("*.py"))
+             for obj in vars(importlib.import_module(f"adapterflow.tasks.{path.stem}")).values() if isinstance(obj, Task)]
+    assert len({t.name for t in tasks}) >= 8
+    assert {t.name for t in tasks if t.retry_condition_fn is not retries.retry_condition} == set()
+    for path in (ROOT / "tasks").glob("*.py"):
+        assert "def _transient" not in path.read_text() and "retry_condition_fn=" not in path.read_text().replace(
+            "retry_condition_fn=retry_condition", ""), path
 
 
 def test_adapter_library_does_not_import_the_runtime():

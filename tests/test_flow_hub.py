@@ -46,8 +46,12 @@ def test_push_with_mlflow_then_idempotent_repush(hub, mlflow_server, tmp_path, m
     local = tmp_path / "download"
     snapshot_download(REPO, endpoint=hub.url, token=TOKEN, local_dir=local)
     adapter_dir = Path(summary["adapter_dir"])
-    for name in ("adapter_config.json", "adapter_model.safetensors"):
-        assert (local / name).read_bytes() == (adapter_dir / name).read_bytes()
+    received = {p.relative_to(local).as_posix(): p.read_bytes() for p in local.rglob("*")
+                if p.is_file() and not p.relative_to(local).as_posix().startswith((".cache/", ".gitattributes"))}
+    saved = {p.relative_to(adapter_dir).as_posix(): p.read_bytes() for p in adapter_dir.rglob("*") if p.is_file()}
+    assert received == saved  # the output folder as it is, README.md (the one card) included
+    assert sorted(saved) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    assert not (Path(summary["run_dir"]) / "hub").exists()  # no second copy
     card = yaml.safe_load((local / "README.md").read_text().split("---")[1])
     assert card["library_name"] == "peft" and card["license"] == "apache-2.0" and "lora" in card["tags"]
     assert "eval loss" in (local / "README.md").read_text().lower()

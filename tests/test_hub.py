@@ -95,14 +95,15 @@ def assert_no_secret(error, *secrets):
 
 
 def test_push_round_trip_identical_files_and_logits(model, hub, load_base, input_ids, tmp_path):
-    constants.HF_HUB_DISABLE_XET = False  # the push forces the LFS path itself (this server has no Xet) ...
-    previous_factory = _http._GLOBAL_CLIENT_FACTORY
+    constants.HF_HUB_DISABLE_XET = False  # the push turns the LFS path on itself (this server has no Xet) ...
     try:
         result = push(model, hub, "tester/round-trip", commit_message="First adapter", tags=["demo"],
-                      license="apache-2.0", datasets=["tester/instructions"], training=TRAINING, private=True)
+                      license="apache-2.0", datasets=["tester/instructions"], training=TRAINING, private=True,
+                      timeout=42.0)
     finally:
         xet_after, constants.HF_HUB_DISABLE_XET = constants.HF_HUB_DISABLE_XET, True
-    assert xet_after is False and _http._GLOBAL_CLIENT_FACTORY is previous_factory  # ... and restores both
+    assert xet_after is True  # ... once per process, and the shared client carries the push's timeout
+    assert _http.get_session().timeout.read == 42.0 and _http.get_session().follow_redirects
     commits = hub.commits("tester/round-trip")
     assert [c["title"] for c in commits] == ["First adapter", "initial commit"]
     assert result == PushResult("tester/round-trip", f"{hub.url}/tester/round-trip/commit/{commits[0]['oid']}",
@@ -330,8 +331,8 @@ def test_error_classification_and_pickling():
 
 
 def test_pipeline_retry_policy_agrees_with_transient(model, hub):
-    """tasks.policy.is_transient knows nothing of HubPushError; the error's second base class tells it."""
-    is_transient = pytest.importorskip("adapterflow.tasks.policy").is_transient
+    """tasks.retries.is_transient knows nothing of HubPushError; the error's second base class tells it."""
+    is_transient = pytest.importorskip("adapterflow.tasks.retries").is_transient
     errors = []
     for fault, kwargs in (({"status": 503}, {"max_attempts": 1}), ({"status": None, "delay": 0.6}, {"timeout": 0.2}),
                           (None, {"token": WRONG})):
@@ -349,3 +350,10 @@ def test_import_adapterflow_does_not_import_the_hub_client():
             "print(sorted(m for m in ('huggingface_hub', 'httpx2', 'prefect', 'mlflow') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_a_folder_that_is_no_saved_adapter_is_refused_before_any_request(hub, tmp_path):
+    (tmp_path / "notes.txt").write_text("not an adapter")
+    with pytest.raises(FileNotFoundError, match="adapter_config.json .*not a saved adapter folder"):
+        push_adapter_folder(tmp_path, "tester/not-an-adapter", token=TOKEN, endpoint=hub.url)
+    assert hub.requests == []

@@ -1,4 +1,4 @@
-"""tasks.mlflow_logging against a real `mlflow server` over HTTP, and against the default sqlite store.
+"""adapterflow.integrations.mlflow_logging against a real `mlflow server` over HTTP, and against the default sqlite store.
 
 Everything logged is read back through MlflowClient / mlflow.artifacts, never from the server's files.
 """
@@ -25,9 +25,11 @@ import tiny
 from adapterflow import LoraConfig, get_adapter_model
 from adapterflow.runtime.base_models import load_base_model, resolve_base_model
 from servers import free_port
-from adapterflow.tasks import mlflow_logging
-from adapterflow.tasks.mlflow_logging import (MlflowSettings, MlflowUnavailableError, is_transient_mlflow_error,
-                                  log_adapter_run, set_hub_commit_tag)
+from adapterflow.flows.parameters import MlflowSettings
+from adapterflow.integrations import mlflow_logging, mlflow_registry
+from adapterflow.integrations.mlflow_logging import (MlflowRefusedError, MlflowUnavailableError,
+                                                     is_transient_mlflow_error, log_adapter_run, set_hub_commit_tag)
+from adapterflow.tasks.retries import is_transient
 
 STEPS = 40
 SECRET = "hf_secret_test_value"
@@ -133,9 +135,9 @@ def test_logs_everything_readable_over_http(tracking, mlflow_server, base_model_
     assert metrics["trainable_parameters"] == 4096 and metrics["tokens_per_second"] == 12800.0
     assert metrics["verification_max_abs_diff"] == 2.5e-7
 
-    downloaded = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="adapter",
-                                                          dst_path=str(tmp_path / "dl"), tracking_uri=mlflow_server))
-    assert _snapshot(downloaded) == before
+    assert "adapter" not in {a.path for a in client.list_artifacts(run_id)}  # stored once: as the model's files
+    assert run.data.tags["adapter.model_uri"] == result["model_uri"]
+    assert [o.model_id for o in run.outputs.model_outputs] == [result["model_id"]]
     parameters = json.loads(Path(mlflow.artifacts.download_artifacts(
         f"runs:/{run_id}/parameters.json", dst_path=str(tmp_path / "p"), tracking_uri=mlflow_server)).read_text())
     assert parameters == inputs["plan"]["parameters"]
@@ -167,8 +169,14 @@ def test_logs_everything_readable_over_http(tracking, mlflow_server, base_model_
     assert len(frame) == 2 and all(isinstance(text, str) for text in frame)
     model_files = Path(mlflow.artifacts.download_artifacts(f"models:/{result['model_id']}", tracking_uri=mlflow_server,
                                                            dst_path=str(tmp_path / "model")))
-    assert _snapshot(model_files / "artifacts" / "adapter") == before
+    assert _snapshot(model_files / "artifacts" / "adapter") == before  # byte-identical to the output folder
     assert "peft" not in (model_files / "requirements.txt").read_text()
+    code = [p.relative_to(model_files).as_posix() for p in model_files.rglob("*") if p.is_file()
+            and p.relative_to(model_files).parts[0] == "code"]
+    assert "code/adapterflow/model.py" in code and "code/adapterflow/runtime/base_models.py" in code
+    assert all(p.endswith(".py") for p in code), [p for p in code if not p.endswith(".py")]  # no .jsonl, no data
+    assert not any("/integrations/" in p or "/tasks/" in p or "/flows/" in p for p in code)
+    assert sum(f.name == "adapter_model.safetensors" for f in model_files.rglob("*")) == 1
 
     commit = "https://huggingface.co/me/adapter/commit/0123abcd"  # what the Hub push step records later
     set_hub_commit_tag(settings, result["tracking_uri"], run_id, commit, registered_model_name=name,
@@ -179,6 +187,11 @@ def test_logs_everything_readable_over_http(tracking, mlflow_server, base_model_
     with pytest.raises(MlflowException) as refused:  # a real server refusal is permanent
         client.log_param(run_id, "lora.r", "8")
     assert not is_transient_mlflow_error(refused.value)
+    changed = {**inputs, "plan": {**inputs["plan"], "max_seq_len": 128}}  # a retry whose param changed
+    with pytest.raises(MlflowRefusedError) as ours:
+        log_adapter_run(settings, **changed)
+    assert ours.value.transient is False and not is_transient(ours.value)
+    assert mlflow_server in str(ours.value) and isinstance(ours.value.__cause__, MlflowException)
 
 
 def test_retries_create_no_second_run_model_or_version(tracking, mlflow_server, base_model_dir, adapter_dir,
@@ -196,7 +209,7 @@ def test_retries_create_no_second_run_model_or_version(tracking, mlflow_server, 
         raise MlflowException("registry hiccup", error_code=TEMPORARILY_UNAVAILABLE)
 
     with monkeypatch.context() as patch:  # attempt 1 dies before the model's files are uploaded
-        patch.setattr(mlflow_logging, "_pip_requirements", dropped_connection)
+        patch.setattr(mlflow_registry, "_pip_requirements", dropped_connection)
         with pytest.raises(MlflowUnavailableError):
             log_adapter_run(settings, **inputs)
     [run] = _runs_of(client, settings.experiment, inputs["flow_run_id"])
@@ -204,10 +217,10 @@ def test_retries_create_no_second_run_model_or_version(tracking, mlflow_server, 
     [pending] = client.search_logged_models([run.info.experiment_id], flow_run_filter)
     assert str(pending.status) != "READY"
     with monkeypatch.context() as patch:  # attempt 2 dies after the model is complete, before registering
-        patch.setattr(mlflow_logging, "_model_version", registry_hiccup)
+        patch.setattr(mlflow_registry, "model_version", registry_hiccup)
         with pytest.raises(MlflowUnavailableError) as failed:
             log_adapter_run(settings, **inputs)
-    assert is_transient_mlflow_error(failed.value)
+    assert is_transient_mlflow_error(failed.value) and failed.value.transient and is_transient(failed.value)
     first = log_adapter_run(settings, **inputs)
     second = log_adapter_run(settings, **inputs)
 
@@ -241,10 +254,14 @@ def test_default_sqlite_store_under_runs_root(base_model_dir, adapter_dir, tmp_p
     client = MlflowClient(result["tracking_uri"], result["tracking_uri"])
     assert client.get_run(result["run_id"]).info.status == "FINISHED"
     stored = runs_root / "mlartifacts" / result["run_id"] / "artifacts"
-    assert _snapshot(stored / "adapter") == _snapshot(adapter_dir)
+    assert not (stored / "adapter").exists()
     assert (stored / "plots" / "train_loss.png").is_file() and (stored / "parameters.json").is_file()
     assert client.get_model_version(result["registered_model_name"], "1").source == result["model_uri"]
-    assert list((runs_root / "mlartifacts").rglob("MLmodel"))  # the LoggedModel's files too
+    [mlmodel] = list((runs_root / "mlartifacts").rglob("MLmodel"))  # the LoggedModel's files
+    assert _snapshot(mlmodel.parent / "artifacts" / "adapter") == _snapshot(adapter_dir)
+    weights = [p for p in (runs_root / "mlartifacts").rglob("adapter_model.safetensors")]
+    assert len(weights) == 1  # the adapter is stored once
+    assert not list((runs_root / "mlartifacts").rglob("*.jsonl"))
     assert not list(cwd.iterdir())  # no ./mlruns, no ./mlflow.db
 
 
@@ -325,3 +342,36 @@ def test_settings_forbid_unknown_keys():
     assert MlflowSettings().model_dump() == {
         "enabled": True, "tracking_uri": None, "experiment": "adapterflow", "registered_model_name": None,
         "alias": None, "request_timeout_seconds": 10.0, "max_retries": 2}
+
+
+def test_two_threads_with_different_tracking_uris_do_not_cross(base_model_dir, adapter_dir, tmp_path, monkeypatch):
+    """No global tracking URI: each call talks to its own store, even when two run at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    tracking_before = mlflow.get_tracking_uri()
+    jobs = {side: _inputs(base_model_dir, adapter_dir, tmp_path / side) for side in ("left", "right")}
+    settings = {side: MlflowSettings(tracking_uri=f"sqlite:///{tmp_path / side / 'mlflow.db'}",
+                                     registered_model_name=f"model-{side}") for side in jobs}
+    with ThreadPoolExecutor(2) as pool:
+        futures = {side: pool.submit(log_adapter_run, settings[side], **jobs[side]) for side in jobs}
+        results = {side: future.result() for side, future in futures.items()}
+
+    for side, other in (("left", "right"), ("right", "left")):
+        client = MlflowClient(settings[side].tracking_uri, settings[side].tracking_uri)
+        assert [r.info.run_id for r in _runs_of(client, "adapterflow", jobs[side]["flow_run_id"])] == \
+            [results[side]["run_id"]]
+        assert _runs_of(client, "adapterflow", jobs[other]["flow_run_id"]) == []
+        assert [m.name for m in client.search_registered_models()] == [f"model-{side}"]
+        assert client.get_logged_model(results[side]["model_id"]).source_run_id == results[side]["run_id"]
+    assert mlflow.get_tracking_uri() == tracking_before
+    assert not [k for k in os.environ if k.startswith("MLFLOW_HTTP_REQUEST_")]
+
+
+def test_the_log_task_uses_the_one_retry_condition():
+    from adapterflow.tasks import retries
+    from adapterflow.tasks.log_to_mlflow import log_to_mlflow
+    from adapterflow.tasks.push_to_hub import push_to_hub
+
+    assert log_to_mlflow.retry_condition_fn is push_to_hub.retry_condition_fn is retries.retry_condition
+    assert is_transient(MlflowUnavailableError("down")) and not is_transient(MlflowRefusedError("no"))

@@ -12,7 +12,6 @@ import contextlib
 import hashlib
 import json
 import os
-import re
 import shutil
 import tempfile
 import threading
@@ -26,6 +25,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTr
 from transformers.utils import logging as hf_logging
 
 from adapterflow.atomic import fsync_dir, fsync_tree
+from adapterflow.model_references import is_hub_model_id
 from adapterflow.runtime.data import BUILTIN_DIR, BUILTIN_PREFIX
 
 BUILTIN_MODELS = {"tiny-llama": ("tiny-llama.json", "instructions.jsonl")}  # name -> (config, tokenizer corpus)
@@ -33,7 +33,6 @@ BUILD_VERSION = "1"  # bump when the build below changes, so cached folders are 
 SEED = 0
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")  # ids 0..3, as in the builtin configs
 _BUILD_LOCK = threading.Lock()  # seeding is global to the process: one build at a time per process
-_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+$")
 
 
 def default_cache_dir() -> Path:
@@ -70,7 +69,7 @@ def resolve_base_model(name_or_path: str, cache_dir: str | os.PathLike | None = 
         return path.resolve()
     if path.exists():
         raise NotADirectoryError(f"Base model {path.resolve()} is a file; pass the model's folder instead.")
-    if _HUB_ID.match(name_or_path) and not name_or_path.startswith("."):
+    if is_hub_model_id(name_or_path):
         return _download(name_or_path)
     raise FileNotFoundError(f"Base model {name_or_path!r} is neither an existing folder ({path.absolute()} does not "
                             f"exist) nor a Hub repo id (namespace/name); pass a local transformers model folder, a "

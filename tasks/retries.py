@@ -1,9 +1,11 @@
-"""What all pipeline tasks share: which failures are worth a retry, and the task options that follow from it.
+"""Retries: which failures are worth a retry, and the task options that follow from it, shared by every task.
 
 Transient failures (I/O hiccups, timeouts, dropped connections, 5xx answers) are retried with exponential
 backoff; everything else fails at once, so the cause is the first thing visible in Prefect: user errors (bad
 parameters, datasets, models, names, missing or unwritable files), a failed verification, and errors of unknown
-kind (a bug is not fixed by running it again). An error that knows says so with a `transient` attribute.
+kind (a bug is not fixed by running it again). An error that knows says so with a `transient` attribute: the
+Hub push (adapterflow.hub.HubPushError), MLflow (adapterflow.integrations.mlflow_client.MlflowTrackingError) and
+parameter errors do, so `is_transient` is the one retry condition and no task carries its own.
 """
 
 from __future__ import annotations
@@ -43,17 +45,18 @@ def is_user_error(exc: BaseException) -> bool:
     return not is_transient(exc) and isinstance(exc, (ValueError, OSError))
 
 
-def retry_options(transient=is_transient) -> dict:
+def retry_condition(task, task_run, state) -> bool:
+    """Prefect's retry_condition_fn for every task: retry when the failure `is_transient`."""
+    try:
+        state.result()
+    except BaseException as exc:  # noqa: BLE001 - classify whatever the task raised
+        return is_transient(exc)
+    return False
+
+
+def retry_options() -> dict:
     """Task options: 2 retries with exponential backoff (2 s, 4 s; tests shrink it with ADAPTERFLOW_RETRY_BACKOFF),
-    only for failures `transient(exc)` calls transient."""
-
-    def retry_condition(task, task_run, state) -> bool:
-        try:
-            state.result()
-        except BaseException as exc:  # noqa: BLE001 - classify whatever the task raised
-            return transient(exc)
-        return False
-
+    only for failures `retry_condition` calls transient."""
     return dict(
         retries=2,
         retry_delay_seconds=exponential_backoff(backoff_factor=float(os.environ.get("ADAPTERFLOW_RETRY_BACKOFF", "2"))),

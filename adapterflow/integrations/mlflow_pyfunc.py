@@ -1,9 +1,9 @@
 """The adapter as an MLflow pyfunc model ("models from code"): base model + adapter -> generated text.
 
-`adapterflow.tasks.mlflow_logging` logs this file with `mlflow.pyfunc.log_model(python_model=<this file>, ...)`; MLflow
+`adapterflow.integrations.mlflow_registry` saves this file as the model's code (`python_model=<this file>`); MLflow
 stores it next to the model and runs it when the model is loaded. The model's files are the adapter folder (the
-`adapter` artifact) and a copy of the `adapterflow` package (`code_paths`), so loading needs torch, transformers
-and safetensors only: no peft, no Prefect, nothing of this project's `tasks` package. The base model is not
+`adapter` artifact) and a copy of the library's and runtime's `.py` files (`code_paths`), so loading needs
+torch, transformers and safetensors only: no peft, no Prefect, nothing of the pipeline. The base model is not
 packaged: its folder comes from `model_config["base_model_path"]`, else from the adapter's
 adapter_config.json (`base_model_name_or_path`), and must exist where the model is loaded.
 

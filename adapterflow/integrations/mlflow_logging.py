@@ -1,0 +1,115 @@
+"""Record a finished adapter run in MLflow; plain Python (no Prefect), called by the `log-to-mlflow` task.
+
+One MLflow run per Prefect flow run (mlflow_run): params (`lora.*`, `training.*`, base model, dataset), the
+`train_loss` curve and summary metrics, tags (`prefect.*`, `base_model`, `adapter.*`), artifacts
+(`plots/train_loss.png`, `parameters.json`, `run/*.json`). The adapter is stored once (mlflow_registry): as the
+files of a pyfunc LoggedModel (base model + adapter -> text) that the run links to, registered as a new model
+version, optionally under an alias.
+
+Retries are safe: the run, the model and the version are found again by their `prefect.flow_run_id` tag and only
+what is missing is logged, so a retried call creates no second run, model or version. Failures are bounded and
+typed (mlflow_client): MLflow's own HTTP retries and timeout come from the settings; an unreachable server raises
+MlflowUnavailableError (transient) naming the tracking URI, a refusal MlflowRefusedError (permanent).
+adapterflow.redaction keeps secrets (tokens, URL passwords) out of params, tags, the JSON artifacts, the returned
+URIs and error messages.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from pathlib import Path
+from typing import Optional
+from urllib.parse import quote, urlparse
+
+from adapterflow.flows.names import default_registered_model_name
+from adapterflow.integrations import mlflow_registry, mlflow_run
+from adapterflow.integrations.mlflow_client import (MlflowRefusedError, MlflowTrackingError,  # noqa: F401 - API
+                                                    MlflowUnavailableError, fail_fast, is_transient_mlflow_error,
+                                                    registry_store_tracking_uri, resolve_tracking_uri,
+                                                    tracking_client)
+from adapterflow.integrations.mlflow_run import FLOW_RUN_TAG, HUB_COMMIT_TAG, MODEL_URI_TAG
+from adapterflow.redaction import redact, redact_text
+
+
+def log_adapter_run(settings, *, runs_root: str | os.PathLike, run_dir: str | os.PathLike,
+                    adapter_dir: str | os.PathLike, flow_run_id: str, flow_run_url: Optional[str], training: dict,
+                    verification: dict, plan: dict) -> dict:
+    """Record one finished pipeline run in MLflow; idempotent per flow_run_id (see the module docstring).
+
+    Args:
+        settings: flows.parameters.MlflowSettings (tracking_uri, experiment, registered_model_name, alias,
+            request_timeout_seconds, max_retries).
+        runs_root: root of the run directories; holds the default sqlite store and its artifacts.
+        run_dir: this run's directory (its name becomes the MLflow run name).
+        adapter_dir: the saved adapter folder (README.md, adapter_config.json, weights); only read.
+        flow_run_id, flow_run_url: the Prefect flow run, recorded as tags.
+        training: <run>/training.json; verification: the verify step's report; plan: <run>/plan.json.
+
+    Returns:
+        {"run_id", "experiment_id", "tracking_uri", "run_url", "model_id", "model_uri", "registered_model_name",
+         "model_version", "model_version_url"}; the two URLs are None unless the tracking URI is http(s). URIs
+        are redacted (no URL password): call resolve_tracking_uri again to reach the server.
+
+    Raises:
+        MlflowUnavailableError: the server is unreachable (after settings.max_retries retries) or keeps failing.
+        MlflowRefusedError: anything else MLflow refuses (e.g. a param that changed its value).
+        ValueError: flow_run_id is not a plain id.
+    """
+    if not re.fullmatch(r"[A-Za-z0-9_.:-]+", flow_run_id):
+        raise ValueError(f"flow_run_id {flow_run_id!r} must be a plain id (letters, digits, _.:-)")
+    uri, adapter_dir = resolve_tracking_uri(settings, runs_root), Path(adapter_dir)
+    params = redact(mlflow_run.run_params(plan))
+    tags = redact(mlflow_run.run_tags(plan, flow_run_id, flow_run_url, training, verification))
+    name = settings.registered_model_name or _derived_model_name(plan)  # both valid: flows/names.py
+    records = {"parameters.json": plan.get("parameters", {}), "run/plan.json": plan, "run/training.json": training,
+               "run/verification.json": verification}
+    with tracking_client(settings, uri) as client:
+        experiment_id = mlflow_run.experiment_id(client, settings.experiment, uri, Path(runs_root).absolute())
+        run, found = mlflow_run.find_or_create_run(client, experiment_id, flow_run_id, Path(run_dir).name, tags)
+        run_id = run.info.run_id
+        try:
+            mlflow_run.log_run_data(client, run, found, params, tags, training,
+                                    {path: redact(data) for path, data in records.items()})
+            model = mlflow_registry.logged_model(client, run, flow_run_id, name, adapter_dir, plan, params, tags)
+            client.set_tag(run_id, MODEL_URI_TAG, f"models:/{model.model_id}")
+            mlflow_run.log_summary_metrics(client, run, model.model_id, training, verification, adapter_dir)
+            with registry_store_tracking_uri(uri):
+                version = mlflow_registry.model_version(client, name, model.model_id, run_id, flow_run_id, tags, plan)
+            if settings.alias:
+                client.set_registered_model_alias(name, settings.alias, version.version)
+            client.set_terminated(run_id, "FINISHED")
+        except Exception:
+            with fail_fast(), contextlib.suppress(Exception):
+                client.set_terminated(run_id, "FAILED")  # best effort; a retry finds the run again and finishes it
+            raise
+    web = redact_text(uri).rstrip("/") if urlparse(uri).scheme in ("http", "https") else None
+    return {"run_id": run_id, "experiment_id": experiment_id, "tracking_uri": redact_text(uri),
+            "run_url": f"{web}/#/experiments/{experiment_id}/runs/{run_id}" if web else None,
+            "model_id": model.model_id, "model_uri": f"models:/{model.model_id}", "registered_model_name": name,
+            "model_version": str(version.version),
+            "model_version_url": f"{web}/#/models/{quote(name)}/versions/{version.version}" if web else None}
+
+
+def set_hub_commit_tag(settings, tracking_uri: str, mlflow_run_id: str, commit_url: str, *,
+                       registered_model_name: Optional[str] = None, model_version: Optional[str] = None) -> None:
+    """Tag the run (and the model version, when given) with the Hub commit the adapter was pushed as; pass the
+    `tracking_uri`, `run_id`, `registered_model_name` and `model_version` that log_adapter_run returned.
+
+    Raises: MlflowUnavailableError, MlflowRefusedError (see log_adapter_run)."""
+    with tracking_client(settings, tracking_uri) as client:
+        client.set_tag(mlflow_run_id, HUB_COMMIT_TAG, redact(commit_url))
+        if registered_model_name and model_version:
+            client.set_model_version_tag(registered_model_name, str(model_version), HUB_COMMIT_TAG, redact(commit_url))
+
+
+def _derived_model_name(plan: dict) -> str:
+    # The base model as the user named it ("builtin:tiny-llama" -> "default-tiny-llama"), not its cache folder.
+    given = plan.get("parameters", {}).get("base_model", {}).get("name_or_path") or plan["base_model_path"]
+    return default_registered_model_name(plan.get("adapter_name", "default"), given)
+
+
+__all__ = ["FLOW_RUN_TAG", "HUB_COMMIT_TAG", "MODEL_URI_TAG", "MlflowRefusedError", "MlflowTrackingError",
+           "MlflowUnavailableError", "is_transient_mlflow_error", "log_adapter_run", "resolve_tracking_uri",
+           "set_hub_commit_tag"]

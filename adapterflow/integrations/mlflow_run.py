@@ -1,0 +1,131 @@
+"""The MLflow run of one pipeline run: experiment, params, tags, the train_loss curve, summary metrics, plots and
+the run's JSON records. The adapter itself is not a run artifact: it is stored once, as the LoggedModel's files
+(mlflow_registry), and the run links to that model (run outputs and the `adapter.model_uri` tag).
+
+Every function is idempotent for a retried flow run: it skips what an earlier attempt logged.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Optional
+from urllib.parse import urlparse
+
+from adapterflow.init_methods import pipeline_init_name
+
+FLOW_RUN_TAG = "prefect.flow_run_id"
+HUB_COMMIT_TAG = "hub.commit_url"
+MODEL_URI_TAG = "adapter.model_uri"
+MAX_PARAM_CHARS = 500  # MLflow truncates past 6000 chars, then refuses the full value again on a retry
+
+
+def experiment_id(client, name: str, uri: str, runs_root: Path) -> str:
+    """The experiment's id, created if missing. A server stores artifacts itself; other stores get
+    <runs_root>/mlartifacts (MLflow's default is ./mlruns in whatever the current directory is)."""
+    from mlflow.exceptions import MlflowException
+
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        if experiment.lifecycle_stage == "deleted":
+            client.restore_experiment(experiment.experiment_id)
+        return experiment.experiment_id
+    remote = urlparse(uri).scheme in ("http", "https") or uri.startswith("databricks")
+    try:
+        return client.create_experiment(name, None if remote else (runs_root / "mlartifacts").as_uri())
+    except MlflowException as exc:  # created concurrently
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        return client.get_experiment_by_name(name).experiment_id
+
+
+def find_or_create_run(client, experiment: str, flow_run_id: str, run_name: str, tags: dict) -> tuple[Any, bool]:
+    """(run, found): the run an earlier attempt of this flow run created (by its FLOW_RUN_TAG), else a new one."""
+    from mlflow.entities import ViewType
+
+    found = client.search_runs([experiment], f"tags.`{FLOW_RUN_TAG}` = '{flow_run_id}'", ViewType.ACTIVE_ONLY,
+                               max_results=1, order_by=["attributes.start_time ASC"])
+    return (found[0], True) if found else (client.create_run(experiment, run_name=run_name, tags=tags), False)
+
+
+def log_run_data(client, run, resumed: bool, params: dict, tags: dict, training: dict, records: dict) -> None:
+    """Params, tags, the train_loss curve (skipping steps an earlier attempt logged), the JSON `records`
+    (artifact path -> redacted data) and plots/train_loss.png."""
+    from mlflow.entities import Metric, Param, RunTag
+
+    run_id, now = run.info.run_id, int(time.time() * 1000)
+    logged_steps = {m.step for m in client.get_metric_history(run_id, "train_loss")} if resumed else set()
+    losses = [Metric("train_loss", float(loss), now, step) for step, loss in enumerate(training.get("losses") or [], 1)
+              if step not in logged_steps and loss is not None]
+    client.log_batch(run_id, metrics=losses, tags=[RunTag(k, v) for k, v in tags.items()],
+                     params=[Param(k, v) for k, v in params.items() if run.data.params.get(k) != v])
+    for path, data in records.items():
+        client.log_dict(run_id, data, path)
+    if training.get("losses"):
+        client.log_figure(run_id, _loss_figure(training["losses"], tags["adapter.name"]), "plots/train_loss.png")
+
+
+def log_summary_metrics(client, run, model_id: str, training: dict, verification: dict, adapter_dir: Path) -> None:
+    """One value each, on the run and on the model (shown in the Models tab); skipped if already logged."""
+    from mlflow.entities import Metric
+
+    values = {key: training.get(key) for key in ("eval_loss_before", "eval_loss_after", "final_loss",
+                                                 "tokens_per_second", "trainable_parameters", "total_parameters")}
+    values.update(adapter_bytes=sum(f.stat().st_size for f in adapter_dir.rglob("*") if f.is_file()),
+                  verification_max_abs_diff=verification.get("max_abs_diff"))
+    client.log_batch(run.info.run_id, metrics=[Metric(k, float(v), int(time.time() * 1000), 0, model_id=model_id)
+                                               for k, v in values.items() if v is not None and k not in run.data.metrics])
+
+
+def run_params(plan: dict) -> dict[str, str]:
+    """`lora.*`, `training.*`, base model, dataset, adapter and save settings, each at most MAX_PARAM_CHARS."""
+    given = plan.get("parameters", {})
+    params = {**{f"lora.{k}": v for k, v in plan.get("lora_config", {}).items() if k != "base_model_name_or_path"},
+              **{f"training.{k}": v for k, v in plan.get("training", {}).items()},
+              "base_model": plan.get("base_model_path"),
+              "base_model.name_or_path": given.get("base_model", {}).get("name_or_path"),
+              "base_model.dtype": plan.get("dtype"), "adapter.name": plan.get("adapter_name"),
+              "adapter.init": given.get("adapter", {}).get("init"),
+              "dataset.path": plan.get("dataset_path"), "dataset.sha256": plan.get("dataset_sha256"),
+              "dataset.eval_fraction": plan.get("eval_fraction"), "max_seq_len": plan.get("max_seq_len"),
+              "save.convert_pissa_to_lora": plan.get("convert_pissa_to_lora"), "verify.atol": plan.get("atol")}
+    return {key: _compact(value) for key, value in params.items() if value not in (None, "", [], {})}
+
+
+def run_tags(plan: dict, flow_run_id: str, flow_run_url: Optional[str], training: dict,
+             verification: dict) -> dict[str, str]:
+    """`prefect.*`, `base_model` (as the user named it), `adapter.*`, `verification.passed`, and the run's
+    description (`mlflow.note.content`, also the model version's)."""
+    given, lora = plan.get("parameters", {}), plan.get("lora_config", {})
+    init = given.get("adapter", {}).get("init") or pipeline_init_name(lora.get("init_lora_weights", True))
+    tags = {FLOW_RUN_TAG: flow_run_id, "base_model": given.get("base_model", {}).get("name_or_path")
+            or plan["base_model_path"], "adapter.name": plan.get("adapter_name", "default"), "adapter.init": init,
+            "adapter.converted": str(bool(plan.get("convert_pissa_to_lora"))).lower(),
+            "verification.passed": str(verification.get("passed")).lower()}
+    if flow_run_url:
+        tags["prefect.flow_run_url"] = flow_run_url
+    link = f"[Prefect flow run]({flow_run_url})" if flow_run_url else f"Prefect flow run `{flow_run_id}`"
+    tags["mlflow.note.content"] = (
+        f"Adapter `{tags['adapter.name']}` ({init}, r={lora.get('r')}) on `{tags['base_model']}`: eval loss "
+        f"{training.get('eval_loss_before')} -> {training.get('eval_loss_after')}; verification max |diff| "
+        f"{verification.get('max_abs_diff')} (atol {verification.get('atol')}). {link}. The adapter's files are "
+        f"the run's logged model (Models tab).")
+    return tags
+
+
+def _compact(value: Any) -> str:
+    """A param value: lists comma-joined, dicts as compact JSON, at most MAX_PARAM_CHARS."""
+    text = (",".join(map(str, value)) if isinstance(value, (list, tuple)) else
+            json.dumps(value, sort_keys=True, separators=(",", ":")) if isinstance(value, dict) else str(value))
+    return text if len(text) <= MAX_PARAM_CHARS else text[:MAX_PARAM_CHARS - 3] + "..."
+
+
+def _loss_figure(losses: list, adapter_name: str):
+    from matplotlib.figure import Figure  # not pyplot: no global figure state, no GUI backend (Agg renders)
+
+    figure = Figure(figsize=(6, 3.5), dpi=100, layout="tight")
+    figure.subplots().plot(range(1, len(losses) + 1), [math.nan if v is None else v for v in losses], linewidth=1.2)
+    figure.axes[0].set(xlabel="step", ylabel="train loss", title=f"Training loss, adapter {adapter_name}")
+    return figure
