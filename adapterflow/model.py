@@ -283,7 +283,7 @@ class AdapterModel(nn.Module):
 
         Raises:
             ValueError: save_directory is a file, unknown selected_adapters, or a conversion that cannot be
-                done (adapterflow.pissa.ConversionError). Nothing is written then.
+                done (adapterflow.conversion.ConversionError). Nothing is written then.
             TypeError: an unknown keyword argument.
         """
         if kwargs:
@@ -297,9 +297,9 @@ class AdapterModel(nn.Module):
                     selected_adapters: Sequence[str] | None = None, create_pr: bool = False,
                     tags: Sequence[str] | None = None, **kwargs: Any):
         """Save the adapters with a Hub model card and push them to `repo_id` as one commit: PEFT's arguments, more
-        in kwargs (see adapterflow.hub.push_adapter_model). Returns an adapterflow.hub.PushResult (PEFT: a
-        CommitInfo). Raises adapterflow.hub.HubPushError (.transient, .status); TypeError for unknown kwargs."""
-        from adapterflow.hub import push_adapter_model
+        in kwargs (see adapterflow.integrations.hub.push_adapter_model). Returns an adapterflow.integrations.hub.PushResult (PEFT: a
+        CommitInfo). Raises adapterflow.integrations.hub.HubPushError (.transient, .status); TypeError for unknown kwargs."""
+        from adapterflow.integrations.hub import push_adapter_model
 
         return push_adapter_model(self, repo_id, private, revision, commit_message, token, safe_serialization,
                                   selected_adapters, create_pr, tags, **kwargs)

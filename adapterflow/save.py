@@ -25,7 +25,7 @@ from adapterflow.config import LoraConfig
 from adapterflow.init_methods import is_randomized_pissa
 from adapterflow.layers import LoraLinear
 from adapterflow.model_card import ModelCardInfo, render_model_card
-from adapterflow.pissa import convert_pissa_to_lora
+from adapterflow.conversion import convert_pissa_to_lora
 from adapterflow.serialization import payload_bytes, read_weights, write_weights
 from adapterflow.state_dict import SaveEmbeddingLayers, adapter_layers, get_adapter_state_dict
 

@@ -14,7 +14,7 @@ from prefect import task
 from prefect.artifacts import create_link_artifact
 from prefect.states import Completed
 
-from adapterflow.hub import push_adapter_folder
+from adapterflow.integrations.hub import push_adapter_folder
 from adapterflow.redaction import install_log_redaction, redact_text, register_secret
 from adapterflow.flows.parameters import HubSettings, MlflowSettings, local_path
 from adapterflow.integrations.mlflow_logging import resolve_tracking_uri, set_hub_commit_tag

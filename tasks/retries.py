@@ -4,7 +4,7 @@ Transient failures (I/O hiccups, timeouts, dropped connections, 5xx answers) are
 backoff; everything else fails at once, so the cause is the first thing visible in Prefect: user errors (bad
 parameters, datasets, models, names, missing or unwritable files), a failed verification, and errors of unknown
 kind (a bug is not fixed by running it again). An error that knows says so with a `transient` attribute: the
-Hub push (adapterflow.hub.HubPushError), MLflow (adapterflow.integrations.mlflow_client.MlflowTrackingError) and
+Hub push (adapterflow.integrations.hub.HubPushError), MLflow (adapterflow.integrations.mlflow_client.MlflowTrackingError) and
 parameter errors do, so `is_transient` is the one retry condition and no task carries its own.
 """
 
@@ -24,7 +24,7 @@ _PERMANENT_ERRNOS = {errno.ENOENT, errno.EACCES, errno.EPERM, errno.ENOSPC, errn
 def is_transient(exc: BaseException) -> bool:
     """True when retrying the same call may succeed: the error's own `transient` flag when it has one, else
     connection errors, timeouts, I/O errors other than the permanent errnos above, and HTTP 5xx / 408 / 429."""
-    declared = getattr(exc, "transient", None)  # errors that know (e.g. adapterflow.hub.HubPushError) say so
+    declared = getattr(exc, "transient", None)  # errors that know (e.g. adapterflow.integrations.hub.HubPushError) say so
     if isinstance(declared, bool):
         return declared
     if isinstance(exc, (ConnectionError, TimeoutError)):

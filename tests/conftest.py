@@ -29,6 +29,8 @@ os.environ.update(
     }
 )
 
+sys.path.insert(0, str(Path(__file__).parent / "support"))  # tests/support: servers, tiny models, flow helpers
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 

@@ -26,7 +26,7 @@ def test_killed_training_resumes_and_matches_an_uninterrupted_run(tmp_path, pref
     for key, value in {**TRAINING, "batch_size": 8, "max_seq_len": 32, "warmup_steps": 2}.items():
         overrides += ["--set", f"training.{key}={value}"]
     process = subprocess.Popen([sys.executable, "-m", "adapterflow.flows.save_adapter", *overrides],
-                               env={**os.environ, "PREFECT_API_URL": prefect_api}, cwd=Path(__file__).parents[1],
+                               env={**os.environ, "PREFECT_API_URL": prefect_api}, cwd=Path(__file__).parents[2],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     checkpoints = runs / "killed" / "checkpoints"
     deadline = time.monotonic() + 180

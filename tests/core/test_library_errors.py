@@ -377,7 +377,7 @@ def test_bad_input_is_a_clear_error_and_changes_nothing_on_disk(case, tmp_path, 
     monkeypatch.undo()
     assert tree_hash(tmp_path) == before, "the refused call changed the disk"
     assert type(info.value).__module__ in ("adapterflow.config", "adapterflow.serialization", "adapterflow.targeting",
-                                           "adapterflow.pissa", "builtins"), type(info.value)
+                                           "adapterflow.conversion", "builtins"), type(info.value)
     if case.not_in_message:
         assert case.not_in_message not in str(info.value)
     assert "weights_only=False" not in str(info.value)

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from adapterflow import formats
-from adapterflow.hub_errors import (HubPushError, HubPushPermanentError, HubPushTimeout, HubPushTransientError,
+from adapterflow.integrations.hub_errors import (HubPushError, HubPushPermanentError, HubPushTimeout, HubPushTransientError,
                                     classify, hub_error, is_transient_hub_error, retry_after_seconds)
 from adapterflow.model_card import build_model_card, read_configs
 from adapterflow.redaction import redact_text, secret_values

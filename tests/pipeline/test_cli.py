@@ -10,7 +10,7 @@ import pytest
 
 from adapterflow.flows.cli import parse_parameters
 
-ROOT = Path(__file__).parents[1]
+ROOT = Path(__file__).parents[2]
 
 
 def test_parameters_come_from_defaults_yaml_and_overrides(tmp_path):

@@ -6,14 +6,13 @@ import shutil
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from servers import free_port
 
-ROOT = Path(__file__).parents[1]
+ROOT = Path(__file__).parents[2]
 BIN = Path(sys.executable).parent
 TINY = {"training": {"steps": 6, "batch_size": 8, "max_seq_len": 32, "checkpoint_every": 3, "warmup_steps": 1},
         "adapter": {"r": 4}}
@@ -55,6 +54,17 @@ def deployment_run(env, config: dict, *extra: str, timeout: int = 400) -> subpro
         env=env, capture_output=True, text=True, timeout=timeout + 60, cwd="/")
 
 
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+
+
+def _run_span(env, run_id: str) -> tuple[str, str]:
+    inspected = subprocess.run([BIN / "prefect", "flow-run", "inspect", run_id, "--output", "json"], env=env,
+                               capture_output=True, text=True, timeout=60)
+    run = json.loads(inspected.stdout)
+    return run["start_time"], run["end_time"]  # ISO 8601 in UTC: comparable as strings
+
+
 def flow_run_id(output: str) -> str:
     for line in output.splitlines():
         if "UUID:" in line:
@@ -69,7 +79,9 @@ def test_deployment_run_with_watch(stack):
     assert result.returncode == 0, result.stdout + result.stderr
     run_id = flow_run_id(result.stdout)
     adapter = state / "runs" / run_id / "adapter"
-    assert (adapter / "adapter_model.safetensors").is_file() and (adapter / "adapter_config.json").is_file()
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["r"] == 8 and config["init_lora_weights"] is True  # TINY's PiSSA r=4, converted to LoRA r=8
+    assert (adapter / "adapter_model.safetensors").stat().st_size > 0
     keys = subprocess.run([BIN / "python", "-c", (
         "import sys; from prefect.client.orchestration import get_client;"
         "from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId;"
@@ -90,7 +102,6 @@ def test_invalid_parameter_is_rejected_by_the_schema(stack):
 @pytest.mark.slow
 def test_two_concurrent_runs_get_separate_outputs(stack):
     env, state = stack
-    started = time.monotonic()
     runs = [subprocess.Popen(
         [BIN / "prefect", "deployment", "run", "save-adapter/local", "--param", f"config={json.dumps(TINY)}",
          "--watch", "--watch-timeout", "400"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -99,9 +110,11 @@ def test_two_concurrent_runs_get_separate_outputs(stack):
     assert [run.returncode for run in runs] == [0, 0], outputs
     ids = [flow_run_id(out) for out in outputs]
     assert ids[0] != ids[1]
-    adapters = [state / "runs" / run_id / "adapter" / "adapter_model.safetensors" for run_id in ids]
-    assert all(a.is_file() for a in adapters)
-    assert time.monotonic() - started < 460
+    adapters = [state / "runs" / run_id / "adapter" for run_id in ids]
+    assert all(json.loads((a / "adapter_config.json").read_text())["r"] == 8 for a in adapters)  # PiSSA r=4, converted
+    assert _files(adapters[0]) != _files(adapters[1])  # two trainings, two adapters, no shared folder
+    spans = [_run_span(env, run_id) for run_id in ids]
+    assert max(start for start, _ in spans) < min(end for _, end in spans)  # the runs overlapped: concurrent
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""adapterflow.hub and AdapterModel.push_to_hub, driven through the real huggingface_hub client against the local
+"""adapterflow.integrations.hub and AdapterModel.push_to_hub, driven through the real huggingface_hub client against the local
 fake Hub (`hub_server.py`): round trip, model card, idempotency, branch + tag, retries, permanent errors,
 timeouts, and that the token never leaks."""
 
@@ -24,7 +24,7 @@ from huggingface_hub.errors import HfHubHTTPError  # noqa: E402
 from huggingface_hub.utils import _http  # noqa: E402
 
 from adapterflow import LoraConfig, get_adapter_model  # noqa: E402
-from adapterflow.hub import (  # noqa: E402
+from adapterflow.integrations.hub import (  # noqa: E402
     HubPushError,
     HubPushPermanentError,
     HubPushTimeout,
@@ -181,7 +181,7 @@ def test_other_weights_format_replaces_the_stale_file(model, hub):
 
 
 def test_503_on_commit_and_create_repo_are_retried(model, hub, no_client_backoff, caplog):
-    caplog.set_level(logging.WARNING, logger="adapterflow.hub")
+    caplog.set_level(logging.WARNING, logger="adapterflow.integrations.hub")
     hub.add_fault("POST", r"/api/repos/create", status=503, message="Hub is busy")  # not retried by the client
     hub.add_fault("POST", r"/commit/", status=503, message="Commit service unavailable")
     result = push(model, hub, "tester/flaky")
@@ -200,10 +200,10 @@ def test_503_on_preupload_is_retried(model, hub, no_client_backoff):
 
 
 def test_429_retry_after_is_honoured(model, hub, monkeypatch):
-    import adapterflow.hub
+    import adapterflow.integrations.hub
 
     slept = []
-    monkeypatch.setattr(adapterflow.hub, "time", types.SimpleNamespace(sleep=slept.append))
+    monkeypatch.setattr(adapterflow.integrations.hub, "time", types.SimpleNamespace(sleep=slept.append))
     hub.add_fault("POST", r"/api/repos/create", status=429, message="Slow down", headers={"Retry-After": "7"})
     assert push(model, hub, "tester/rate-limited").created_commit
     assert slept == [7.0] and count(hub, "POST", "/api/repos/create", 429) == 1
@@ -346,7 +346,7 @@ def test_pipeline_retry_policy_agrees_with_transient(model, hub):
 
 
 def test_import_adapterflow_does_not_import_the_hub_client():
-    code = ("import sys, adapterflow, adapterflow.hub, adapterflow.model; "
+    code = ("import sys, adapterflow, adapterflow.integrations.hub, adapterflow.model; "
             "print(sorted(m for m in ('huggingface_hub', 'httpx2', 'prefect', 'mlflow') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

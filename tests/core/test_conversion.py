@@ -226,7 +226,7 @@ def test_the_initial_adapter_check_accepts_half_precision_and_randomized_pissa(d
 
 def test_initial_adapter_problems_without_base_weights_still_check_the_factors(load_base, tmp_path):
     """The pipeline converts from files alone (no live residual): the factor checks still run."""
-    from adapterflow.pissa import initial_adapter_problems
+    from adapterflow.conversion import initial_adapter_problems
     from adapterflow.save import read_adapter
 
     get_adapter_model(load_base(), LoraConfig(init_lora_weights="pissa", **PISSA)).save_pretrained(tmp_path / "pissa")

@@ -11,7 +11,7 @@ from adapterflow import redaction
 from adapterflow.redaction import (RedactingFilter, install_log_redaction, redact, redact_exception, redact_text,
                                    register_secret, url_password)
 
-ROOT = Path(__file__).parents[1]
+ROOT = Path(__file__).parents[2]
 
 
 def test_redact():

@@ -1,0 +1,48 @@
+"""Task logic through `task.fn`, without a flow: each step rebuilt from the run directory alone, as a retry in a
+fresh process is, gives the same result; skipped steps say why."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+from adapterflow.flows.parameters import HubSettings, MlflowSettings
+from adapterflow.tasks.convert_pissa_to_lora import convert_pissa_to_lora_task
+from adapterflow.tasks.extract_adapter import extract_adapter
+from adapterflow.tasks.log_to_mlflow import log_to_mlflow
+from adapterflow.tasks.push_to_hub import push_to_hub
+from adapterflow.tasks.run_plan import RunPlan
+from adapterflow.tasks.save_adapter import save_adapter
+from flow_helpers import run_flow
+
+pytestmark = pytest.mark.usefixtures("prefect_api")
+
+
+def _files(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def test_steps_after_training_repeat_from_the_run_directory_alone(tmp_path):
+    state = run_flow(tmp_path / "runs", run_name="pissa")
+    assert state.is_completed(), state.message
+    summary = state.result()
+    published = _files(Path(summary["adapter_dir"]))
+    plan = RunPlan.model_validate(json.loads((Path(summary["run_dir"]) / "plan.json").read_text()))
+
+    extracted = extract_adapter.fn(plan)
+    assert Path(extracted["path"]) == Path(summary["run_dir"]) / "checkpoints" / "step-000008"
+    source = convert_pissa_to_lora_task.fn(plan, extracted)
+    assert source["converted"] and source["initial"] == str(plan.run.initial)
+    saved = save_adapter.fn(plan, source)
+    assert saved["converted"] and _files(Path(saved["adapter_dir"])) == published  # byte for byte the same adapter
+
+
+def test_optional_steps_skip_visibly():
+    mlflow_state = log_to_mlflow.fn(None, MlflowSettings(enabled=False), {}, {}, "flow-run")
+    assert mlflow_state.name == "Skipped" and "mlflow.enabled=false" in mlflow_state.message
+    assert mlflow_state.result() == {}
+    hub_state = push_to_hub.fn(None, HubSettings(), MlflowSettings(), {}, None, "flow-run")
+    assert hub_state.name == "Skipped" and "hub.repo_id" in hub_state.message and hub_state.result() == {}
