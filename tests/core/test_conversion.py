@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from adapterflow import AdapterModel, LoraConfig, get_adapter_model
+import tiny
 from tiny import load_llama, logits, randomize_adapters
 
 PISSA = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "gate_proj"], task_type="CAUSAL_LM")
@@ -233,3 +234,21 @@ def test_initial_adapter_problems_without_base_weights_still_check_the_factors(l
     get_adapter_model(load_base(), LoraConfig(**{**PISSA, "init_lora_weights": True})).save_pretrained(tmp_path / "lora")
     assert initial_adapter_problems(*read_adapter(tmp_path / "pissa"), {}) == []
     assert "A0 @ A0.T != B0.T @ B0" in initial_adapter_problems(*read_adapter(tmp_path / "lora"), {})[0]
+
+
+@pytest.mark.parametrize("other", ["another base", "another randomized run"])
+def test_initial_adapter_of_another_base_or_run_is_refused(other, base_dir, tmp_path):
+    """Same shapes, same config, PiSSA factors, but not this model's: the residual check (4 columns and 4 rows of
+    each base weight) tells them apart, and nothing is written."""
+    init = "pissa" if other == "another base" else "pissa_niter_2"
+    config = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=init)
+    torch.manual_seed(0)
+    model = get_adapter_model(tiny.load_llama(base_dir), LoraConfig(**config))
+    other_base = tiny.save_tiny_llama(tmp_path / "other", seed=1) if other == "another base" else base_dir
+    torch.manual_seed(1)
+    get_adapter_model(tiny.load_llama(other_base), LoraConfig(**config)).save_pretrained(tmp_path / "initial")
+    initial_before = {p.name: p.read_bytes() for p in (tmp_path / "initial").iterdir()}
+    with pytest.raises(ValueError, match="not the PiSSA initialisation of this model's base"):
+        model.save_pretrained(tmp_path / "out", path_initial_model_for_weight_conversion=tmp_path / "initial")
+    assert not (tmp_path / "out").exists()
+    assert {p.name: p.read_bytes() for p in (tmp_path / "initial").iterdir()} == initial_before
