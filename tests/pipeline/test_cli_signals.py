@@ -136,13 +136,22 @@ def test_temporary_server_exits_when_the_cli_is_killed(training_run):
     assert not _wait_gone({server: recorded[server]}, 10), "the temporary server outlived the SIGKILLed CLI"
 
 
-def test_a_given_api_url_is_used_as_is_and_nothing_starts(monkeypatch):
-    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:1/api")
+def test_a_given_api_url_is_used_as_is_and_nothing_starts(monkeypatch, prefect_api):
+    monkeypatch.setenv("PREFECT_API_URL", prefect_api)
     before = _descendants(os.getpid())
     with temporary_prefect_api() as url:
-        assert url == "http://127.0.0.1:1/api"
+        assert url == prefect_api
         assert _descendants(os.getpid()).keys() <= before.keys()
-    assert os.environ["PREFECT_API_URL"] == "http://127.0.0.1:1/api"
+    assert os.environ["PREFECT_API_URL"] == prefect_api
+
+
+def test_a_given_api_url_that_answers_nothing_is_refused(monkeypatch):
+    from adapterflow.flows.server import PrefectApiUnreachable
+
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:1/api")
+    with pytest.raises(PrefectApiUnreachable, match="PREFECT_API_URL=http://127.0.0.1:1/api: no Prefect API"):
+        with temporary_prefect_api():
+            pass
 
 
 def test_a_server_that_is_not_healthy_in_time_is_stopped_and_reported(monkeypatch, tmp_path):
