@@ -19,6 +19,7 @@ from adapterflow import ConfigError, LoraConfig, TargetError
 from adapterflow.runtime.data import DatasetError, load_examples, split_examples, tokenize
 from adapterflow.flows.parameters import (BUILTIN_PREFIX, ParameterError, SaveAdapterParameters, is_local_reference,
                                           local_path)
+from adapterflow.model_references import is_hub_model_id
 from adapterflow.init_methods import is_randomized_pissa
 from adapterflow.redaction import redact_text
 from adapterflow.runtime.run_dir import RunDir
@@ -94,7 +95,7 @@ def check_run(params: SaveAdapterParameters) -> CheckedRun:
     dataset = params.dataset.path if params.dataset.path.startswith(BUILTIN_PREFIX) else local_path(params.dataset.path)
     examples = _check(problems, "dataset.path", lambda: load_examples(dataset))
     # Adapters name their base as others can find it: a Hub id stays a Hub id, a local base is its folder.
-    is_hub_id = base_path is not None and not base_name.startswith(BUILTIN_PREFIX) and not Path(base_name).exists()
+    is_hub_id = base_path is not None and is_hub_model_id(params.base_model.name_or_path)
     config = _check(problems, "adapter", lambda: params.adapter.lora_config(base_name if is_hub_id else str(base_path)))
     if base_path is not None and config is not None:
         from adapterflow.targeting import plan_targets
