@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from adapterflow import (AdapterLoadError, AdapterModel, ConfigError, ConversionError, LoraConfig, TargetError,
-                         get_adapter_model, write_adapters)
+                         get_adapter_model)
 from tiny import load_llama, randomize_adapters
 
 LORA = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])

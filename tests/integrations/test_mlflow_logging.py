@@ -26,7 +26,7 @@ from adapterflow import LoraConfig, get_adapter_model
 from adapterflow.runtime.base_models import load_base_model, resolve_base_model
 from servers import free_port
 from adapterflow.flows.parameters import MlflowSettings
-from adapterflow.integrations import mlflow_logging, mlflow_registry
+from adapterflow.integrations import mlflow_registry
 from adapterflow.integrations.mlflow_logging import (MlflowRefusedError, MlflowUnavailableError,
                                                      is_transient_mlflow_error, log_adapter_run, set_hub_commit_tag)
 from adapterflow.tasks.retries import is_transient
