@@ -80,14 +80,14 @@ def test_token_from_a_prefect_secret_block_and_no_repo_skips(hub, tmp_path, monk
     assert hub.commits("tester/from-secret")[0]["oid"] == state.result()["hub"]["commit_oid"]
 
     skipped = run_flow(tmp_path / "runs")
-    assert task_runs(skipped)["push-to-hub"].state.name == "Skipped" and skipped.result()["hub"] == {}
+    assert task_runs(skipped, "push-to-hub")["push-to-hub"].state.name == "Skipped" and skipped.result()["hub"] == {}
 
 
 def test_wrong_token_fails_at_once_and_names_the_fix(hub, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", "hf_wrong_token_value_123")
     state = run_flow(tmp_path / "runs", hub={"repo_id": REPO, "endpoint": hub.url})
     assert state.is_failed()
-    push = task_runs(state)["push-to-hub"]
+    push = task_runs(state, "push-to-hub")["push-to-hub"]
     assert push.run_count == 1  # permanent: no Prefect retry
     message = str(state.result(raise_on_failure=False))
     assert "HF_TOKEN" in message and "hf_wrong_token_value_123" not in message

@@ -38,7 +38,7 @@ def test_retried_mlflow_step_makes_one_run_and_one_version(tmp_path, mlflow_serv
                                                 "alias": "candidate"})
     monkeypatch.undo()
     assert state.is_completed(), state.message
-    assert failing.calls == 1 and task_runs(state)["log-to-mlflow"].run_count == 2
+    assert failing.calls == 1 and task_runs(state, "log-to-mlflow")["log-to-mlflow"].run_count == 2
     tracked = state.result()["mlflow"]
     client = MlflowClient(mlflow_server, mlflow_server)
     flow_run_id = state.result()["flow_run_id"]
@@ -61,7 +61,7 @@ def test_dead_tracking_server_fails_fast_and_a_rerun_does_not_retrain(tmp_path):
     assert state.is_failed() and time.monotonic() - started < 120
     message = str(state.result(raise_on_failure=False))
     assert dead in message and "mlflow.enabled=false" in message
-    mlflow_step = task_runs(state)["log-to-mlflow"]
+    mlflow_step = task_runs(state, "log-to-mlflow")["log-to-mlflow"]
     assert mlflow_step.state.is_failed() and mlflow_step.run_count == 3  # transient: retried, then given up
     adapter = tmp_path / "runs" / "dead" / "adapter"
     saved = {p.name: p.read_bytes() for p in adapter.iterdir()}
@@ -69,7 +69,7 @@ def test_dead_tracking_server_fails_fast_and_a_rerun_does_not_retrain(tmp_path):
 
     rerun = run_flow(tmp_path / "runs", run_name="dead", mlflow={"enabled": False})
     assert rerun.is_completed(), rerun.message
-    assert task_runs(rerun)["log-to-mlflow"].state.name == "Skipped"
+    assert task_runs(rerun, "log-to-mlflow")["log-to-mlflow"].state.name == "Skipped"
     training = json.loads((tmp_path / "runs" / "dead" / "training.json").read_text())
     assert training["resumed_from"] == training["steps"]  # the checkpoint was final: no step trained again
     assert {p.name: p.read_bytes() for p in adapter.iterdir()} == saved

@@ -62,7 +62,7 @@ def test_pissa_run_trains_converts_saves_and_verifies(tmp_path):
 def test_lora_run_skips_the_conversion_visibly(tmp_path):
     state = run_flow(tmp_path / "runs", adapter={"init": "lora"}, save={"safe_serialization": False})
     assert state.is_completed(), state.message
-    convert = task_runs(state)["convert-pissa-to-lora"]
+    convert = task_runs(state, "convert-pissa-to-lora")["convert-pissa-to-lora"]
     assert convert.state.name == "Skipped" and "not a PiSSA adapter" in convert.state.message
     adapter_dir = Path(state.result()["adapter_dir"])
     assert (adapter_dir / "adapter_model.bin").is_file() and not state.result()["converted"]
@@ -82,8 +82,8 @@ def test_bad_parameters_fail_before_training_and_name_every_problem(tmp_path):
     assert "is an existing file" in message
     assert torch.cuda.is_available() or "training.device=cuda: no CUDA device" in message  # a parameter error
     assert not (tmp_path / "runs" / "bad" / "checkpoints").exists()
-    assert set(task_runs(state)) == {"prepare-run"}
-    assert task_runs(state)["prepare-run"].run_count == 1  # permanent: not retried
+    assert set(task_runs(state, "prepare-run")) == {"prepare-run"}
+    assert task_runs(state, "prepare-run")["prepare-run"].run_count == 1  # permanent: not retried
 
     missing = run_flow(tmp_path / "runs", base_model={"name_or_path": str(tmp_path / "no-such-model")},
                        dataset={"path": str(tmp_path / "nope.jsonl")})
@@ -122,13 +122,13 @@ def test_transient_failure_is_retried_and_permanent_one_is_not(tmp_path, monkeyp
     monkeypatch.setattr(io, "open", transient)
     state = run_flow(tmp_path / "runs")
     assert state.is_completed(), state.message
-    assert transient.calls == 1 and task_runs(state)["convert-pissa-to-lora"].run_count == 2
+    assert transient.calls == 1 and task_runs(state, "convert-pissa-to-lora")["convert-pissa-to-lora"].run_count == 2
 
     permanent = _FailingOpen("initial/adapter_config.json", errno.EACCES, times=None)
     monkeypatch.setattr(io, "open", permanent)
     state = run_flow(tmp_path / "runs")
     assert state.is_failed()
-    assert permanent.calls == 1 and task_runs(state)["convert-pissa-to-lora"].run_count == 1
+    assert permanent.calls == 1 and task_runs(state, "convert-pissa-to-lora")["convert-pissa-to-lora"].run_count == 1
     assert "Permission denied" in str(state.result(raise_on_failure=False))
 
 

@@ -84,14 +84,14 @@ def test_url_credentials_and_token_appear_in_nothing_a_run_writes(servers, tmp_p
     with pytest.warns(CredentialInUrlWarning, match="hub.endpoint"):
         refused = run_flow(runs, run_name="canary-hub",
                            hub={"repo_id": "tester/canary", "endpoint": _with_credentials(hub.url, HUB_PASSWORD)})
-    assert refused.is_failed() and task_runs(refused)["push-to-hub"].state.is_failed()
+    assert refused.is_failed() and task_runs(refused, "push-to-hub")["push-to-hub"].state.is_failed()
     assert "canary:***@" in str(refused.result(raise_on_failure=False))
 
     # 3. Credentials in a base model URL: refused before training, the message names the redacted URL.
     with pytest.warns(CredentialInUrlWarning, match="base_model.name_or_path"):
         bad_base = run_flow(runs, run_name="canary-base", base_model={
             "name_or_path": _with_credentials("http://127.0.0.1:9/models/tiny", BASE_PASSWORD)})
-    assert bad_base.is_failed() and task_runs(bad_base)["prepare-run"].state.is_failed()
+    assert bad_base.is_failed() and task_runs(bad_base, "prepare-run")["prepare-run"].state.is_failed()
 
     captured = capfd.readouterr()
     texts = [str(summary), str(refused.result(raise_on_failure=False)), str(bad_base.result(raise_on_failure=False)),

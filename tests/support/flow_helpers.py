@@ -33,12 +33,12 @@ def flow_run_id(state) -> str:
     return str(state.state_details.flow_run_id)
 
 
-def task_runs(state, timeout: float = 20) -> dict[str, object]:
+def task_runs(state, *expect: str, timeout: float = 20) -> dict[str, object]:
     """The flow run's task runs by task name (e.g. "train-adapter"), once the server has recorded their final
     states (task run states reach the server as events, shortly after the flow returns; a completed flow ran every
-    task, so all of them must have arrived)."""
+    task, so all of them must have arrived; for a failed flow, name the task runs to wait for in `expect`)."""
     deadline = time.monotonic() + timeout
-    expected = FLOW_TASKS if state.is_completed() else set()
+    expected = (FLOW_TASKS if state.is_completed() else set()) | set(expect)
     with get_client(sync_client=True) as client:
         while True:
             runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id(state)])))
