@@ -128,6 +128,12 @@ class TrainingParameters(_Section):
     checkpoint_every: int = Field(50, ge=1, description="optimizer steps between resumable checkpoints")
     keep_checkpoints: int = Field(2, ge=1, description="newest checkpoints kept (each a PEFT adapter folder)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="autocast dtype of the training forward: fp32 (none), bf16 (CPU and CUDA), fp16 (CUDA "
+                            "only, with a grad scaler); adapter weights stay fp32, base weights keep base_model.dtype")
+    gradient_checkpointing: bool = Field(
+        False, description="recompute each decoder layer in the backward instead of keeping its activations "
+                           "(transformers' non-reentrant checkpointing): less memory, about one more forward per step")
 
     @model_validator(mode="after")
     def _steps_or_epochs(self) -> "TrainingParameters":

@@ -110,6 +110,7 @@ def check_run(params: SaveAdapterParameters) -> CheckedRun:
             problems.append(f"dataset.path {dataset}: no example keeps a completion token within training."
                             f"max_seq_len={params.training.max_seq_len}; raise training.max_seq_len.")
     device = _device(problems, params.training.device)
+    problems += _precision_problems(params, device)
     output_dir = local_path(params.save.output_dir) if params.save.output_dir else None
     problems += _folder_problems("save.output_dir", output_dir) if output_dir else []
     problems += _folder_problems("runs_root", local_path(params.runs_root))
@@ -132,7 +133,8 @@ def training_settings(params: SaveAdapterParameters, checked: CheckedRun) -> dic
                 max_grad_norm=training.max_grad_norm, weight_decay=training.weight_decay,
                 warmup_steps=min(training.warmup_steps, steps), seed=training.seed,
                 checkpoint_every=training.checkpoint_every, keep_checkpoints=training.keep_checkpoints,
-                device=checked.device)
+                device=checked.device, precision=training.precision,
+                gradient_checkpointing=training.gradient_checkpointing)
 
 
 def _check(problems: list[str], parameter: str, step):
@@ -175,6 +177,28 @@ def _device(problems: list[str], device: str) -> str:
         problems.append("training.device=cuda: no CUDA device is visible to torch on this machine "
                         "(torch.cuda.is_available() is False); use training.device=auto or cpu.")
     return device
+
+
+def _precision_problems(params: SaveAdapterParameters, device: str) -> list[str]:
+    """fp16 autocast needs CUDA (torch's CPU autocast is meant for bf16, and fp16 training needs the grad scaler);
+    fp16 training of fp16 base tensors (modules_to_save copies, biases) cannot be unscaled by torch's GradScaler."""
+    training, dtype = params.training, params.base_model.dtype
+    if training.precision != "fp16":
+        return []
+    if device != "cuda":
+        where = ("no CUDA device is visible to torch on this machine" if params.training.device != "cpu"
+                 else "training.device=cpu")
+        return [f"training.precision=fp16 needs a CUDA device ({where}); use training.precision=bf16 (CPU and "
+                f"CUDA) or fp32, or train on a machine with a GPU."]
+    trains_base_tensors = params.adapter.modules_to_save or params.adapter.bias != "none"
+    if dtype == "float16" and trains_base_tensors:
+        return [f"training.precision=fp16 with base_model.dtype=float16 trains float16 copies of base tensors "
+                f"(adapter.modules_to_save / adapter.bias), which torch's GradScaler cannot unscale; use "
+                f"base_model.dtype=float32 or bfloat16, or training.precision=bf16."]
+    if dtype == "bfloat16":
+        return ["training.precision=fp16 with base_model.dtype=bfloat16 would cast every bfloat16 base weight to "
+                "float16 (a smaller range) in each matmul; use training.precision=bf16 with a bfloat16 base."]
+    return []
 
 
 def _folder_problems(parameter: str, folder: Path) -> list[str]:

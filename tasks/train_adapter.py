@@ -52,6 +52,7 @@ def train_adapter(plan: RunPlan) -> dict:
         "eval_loss_before": eval_before, "eval_loss_after": eval_after, "tokens": result.tokens,
         "train_seconds": result.seconds, "tokens_per_second": result.tokens_per_second,
         "trainable_parameters": trainable, "total_parameters": total, "resumed_from": result.resumed_from,
+        "precision": settings.precision, "gradient_checkpointing": settings.gradient_checkpointing,
         "checkpoint": str(run.final_checkpoint(settings.steps)),
         "initial_adapter": str(run.initial) if run.initial.exists() else None,
     }
@@ -60,7 +61,7 @@ def train_adapter(plan: RunPlan) -> dict:
         key="training-summary",
         table=[{"metric": k, "value": _fmt(summary[k])} for k in (
             "steps", "final_loss", "eval_loss_before", "eval_loss_after", "tokens_per_second", "trainable_parameters",
-            "total_parameters", "resumed_from")],
+            "total_parameters", "resumed_from", "precision", "gradient_checkpointing")],
         description=f"Training of adapter '{plan.adapter_name}' in {run.root}",
     )
     return {k: v for k, v in summary.items() if k != "losses"}

@@ -3,7 +3,8 @@
     <checkpoints>/step-000050/adapter_config.json        the adapter's config        } written by adapterflow's
     <checkpoints>/step-000050/adapter_model.safetensors  its tensors, PEFT's keys    } write_adapters: the folder
     <checkpoints>/step-000050/README.md                  the model card              } loads in from_pretrained
-    <checkpoints>/step-000050/training_state.pt          optimizer, scheduler, RNG state (torch.save; read weights_only)
+    <checkpoints>/step-000050/training_state.pt          optimizer, scheduler, grad scaler, RNG state (torch.save;
+                                                         read weights_only)
     <checkpoints>/step-000050/progress.json              step, loss history, tokens, seconds; present = complete
 
 A checkpoint lands through a staging folder (`adapterflow.atomic.staged_directory`): a run killed while writing
@@ -51,12 +52,15 @@ class Checkpoints:
     save_embedding_layers: SaveEmbeddingLayers = False
     keep: int = 2
 
-    def save(self, step: int, model: torch.nn.Module, optimizer, scheduler, progress: dict) -> Path:
+    def save(self, step: int, model: torch.nn.Module, optimizer, scheduler, progress: dict,
+             scaler: torch.amp.GradScaler | None = None) -> Path:
         """Write step-<N>/ atomically, then delete all but the newest `keep` checkpoints.
 
         Args:
             model: the AdapterModel being trained (its tensors may live on any device; they are written from CPU).
             progress: JSON-able record of the run so far (loss history etc.), stored with "step".
+            scaler: fp16 training's grad scaler; its state (current scale, growth tracker) is saved so a resumed
+                run scales the next loss exactly as the uninterrupted run would.
         """
         target = self.folder / f"{CHECKPOINT_PREFIX}{step:06d}"
         config = model.peft_config[self.adapter_name]
@@ -65,8 +69,9 @@ class Checkpoints:
             # 1. the adapter, as write_adapters lays it out (it stages its own folder inside ours)
             write_adapters(staging, {formats.DEFAULT_ADAPTER_NAME: (state, config)})
             # 2. what only training needs
-            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), **_rng_state()},
-                       staging / STATE_FILE)
+            scaler_state = {"scaler": scaler.state_dict()} if scaler is not None else {}
+            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), **scaler_state,
+                        **_rng_state()}, staging / STATE_FILE)
             # 3. last: the file that marks the checkpoint complete
             (staging / PROGRESS_FILE).write_text(json.dumps({**progress, "step": step}))
         for old in self.complete()[:-self.keep]:
@@ -92,9 +97,11 @@ class Checkpoints:
                 f"convert old ones. Delete {self.folder} to train this run from the start, or use a new run_name.")
         return complete[-1] if complete else None
 
-    def restore(self, checkpoint: Path, model: torch.nn.Module, optimizer, scheduler) -> dict:
+    def restore(self, checkpoint: Path, model: torch.nn.Module, optimizer, scheduler,
+                scaler: torch.amp.GradScaler | None = None) -> dict:
         """Load a checkpoint into the model (the adapter, through the library's key matching), the optimizer, the
-        scheduler and the RNG; returns its progress record.
+        scheduler, the grad scaler (when both it and the checkpoint have a state: a run that switches precision
+        starts with a fresh scale) and the RNG; returns its progress record.
 
         Raises:
             CheckpointError: the checkpoint's adapter does not fit the model (other r, targets, ...) or leaves a
@@ -121,6 +128,8 @@ class Checkpoints:
         training_state = torch.load(checkpoint / STATE_FILE, weights_only=True)
         optimizer.load_state_dict(training_state["optimizer"])
         scheduler.load_state_dict(training_state["scheduler"])
+        if scaler is not None and training_state.get("scaler"):
+            scaler.load_state_dict(training_state["scaler"])
         _set_rng_state(training_state)
         return json.loads((checkpoint / PROGRESS_FILE).read_text())
 

@@ -1,13 +1,23 @@
 """A plain PyTorch training loop for adapters, with checkpoints that a killed run resumes from.
 
-AdamW with linear warmup and cosine decay, gradient accumulation and clipping, bf16 autocast on CUDA. A
-checkpoint (`adapterflow.runtime.checkpoints`) is a PEFT adapter folder plus the optimizer and scheduler state,
-the RNG state and the loss history, so a resumed run continues exactly where the checkpoint was taken: the final
-adapter equals an uninterrupted run's.
+AdamW with linear warmup and cosine decay, gradient accumulation and clipping, optional mixed precision
+(`TrainingSettings.precision`) and gradient checkpointing. A checkpoint (`adapterflow.runtime.checkpoints`) is a
+PEFT adapter folder plus the optimizer, scheduler and grad-scaler state, the RNG state and the loss history, so a
+resumed run continues exactly where the checkpoint was taken: the final adapter equals an uninterrupted run's.
+
+Precision (the autocast dtype of the training forward; the weights keep their dtypes):
+    fp32  no autocast: every op runs in the dtype of its weights (base_model.dtype for the base, fp32 adapters).
+    bf16  torch.autocast(device, torch.bfloat16) on CPU and CUDA; no grad scaler (bf16 has fp32's exponent range).
+    fp16  torch.autocast("cuda", torch.float16) with torch.amp.GradScaler (fp16 gradients underflow without it);
+          CUDA only (tasks/run_plan.check_run refuses it elsewhere).
+Adapter weights, their gradients and AdamW's state stay fp32 in every mode (LoraLayer.adapter_dtype); autocast casts
+them to the compute dtype per matmul (torch.amp docs, "Automatic Mixed Precision"). Evaluation and the probe run
+without autocast.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import time
@@ -34,6 +44,8 @@ class TrainingSettings:
     checkpoint_every: int = 50
     keep_checkpoints: int = 2  # newest checkpoints kept (Checkpoints.keep)
     device: str = "cpu"
+    precision: str = "fp32"  # a key of AUTOCAST_DTYPES
+    gradient_checkpointing: bool = False  # recompute each decoder layer in the backward (enable_gradient_checkpointing)
 
 
 @dataclass
@@ -50,6 +62,56 @@ class TrainingResult:
 
 
 StepCallback = Callable[[int, float, float], None]  # (step, loss, learning rate)
+AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(device: torch.device, precision: str):
+    """The autocast context of one training forward: none for fp32, torch.autocast(device.type, dtype) else."""
+    dtype = AUTOCAST_DTYPES[precision]
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+
+
+def grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:
+    """torch.amp.GradScaler, enabled for fp16 only (a disabled scaler passes losses and steps through as they are;
+    its state_dict is empty)."""
+    return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module) -> Callable[[], None]:
+    """Switch on transformers' non-reentrant activation checkpointing in the base model under an AdapterModel (or a
+    transformers model itself); returns the function that switches it off again.
+
+    Each decoder layer (transformers' GradientCheckpointingLayer) then keeps only its inputs in the forward and
+    runs again in the backward (torch.utils.checkpoint with use_reentrant=False, which also restores the RNG state,
+    so dropout draws the same masks). Our LoRA layers sit inside those decoder layers and are recomputed with them.
+    The input embeddings' output is made to require grad when the embeddings are frozen (PEFT's
+    prepare_model_for_gradient_checkpointing does the same): the reentrant variant needs it for gradients to reach
+    the checkpointed layers; the non-reentrant one does not, but it keeps the recipe PEFT and the HF Trainer use.
+
+    `activation_checkpointing_enable` is transformers 5's name; `gradient_checkpointing_enable` is its deprecated
+    alias (FutureWarning, removal in v6) and takes the same kwargs.
+
+    Raises:
+        ValueError: the base model does not support gradient checkpointing (transformers' message).
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    embeddings = base.get_input_embeddings()
+    frozen = not any(p.requires_grad for p in embeddings.parameters())
+    if frozen and not getattr(base, "_require_grads_hooks", None):
+        base.enable_input_require_grads()
+    config = getattr(base, "config", None)
+    use_cache = getattr(config, "use_cache", None)
+    if use_cache:
+        config.use_cache = False  # a KV cache is useless in training and incompatible with the recompute
+
+    def disable() -> None:
+        base.activation_checkpointing_disable()
+        base.disable_input_require_grads()
+        if use_cache:
+            config.use_cache = use_cache
+
+    return disable
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
@@ -82,6 +144,7 @@ def train(model: torch.nn.Module, examples: list[TokenizedExample], settings: Tr
     optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, settings.warmup_steps, settings.steps))
+    scaler = grad_scaler(device, settings.precision)
     stream = BatchStream(examples, settings.batch_size, settings.seed, pad_id)
     result = TrainingResult(steps=settings.steps)
     checkpoint = checkpoints.latest()
@@ -89,11 +152,12 @@ def train(model: torch.nn.Module, examples: list[TokenizedExample], settings: Tr
         torch.manual_seed(settings.seed)
         start = 0
     else:
-        start = _restore(checkpoints, checkpoint, model, optimizer, scheduler, result)
+        start = _restore(checkpoints, checkpoint, model, optimizer, scheduler, result, scaler)
+    disable_checkpointing = enable_gradient_checkpointing(model) if settings.gradient_checkpointing else None
     progress = _progress_bar(settings.steps, start)
     started = time.perf_counter() - result.seconds
     for step in range(start, settings.steps):
-        loss, tokens = _optimizer_step(model, params, optimizer, stream, step, settings, device)
+        loss, tokens = _optimizer_step(model, params, optimizer, scaler, stream, step, settings, device)
         scheduler.step()
         result.losses.append(loss)
         result.tokens += tokens
@@ -104,25 +168,29 @@ def train(model: torch.nn.Module, examples: list[TokenizedExample], settings: Tr
             progress.set_postfix(loss=f"{loss:.4f}")
             progress.update()
         if (step + 1) % settings.checkpoint_every == 0 or step + 1 == settings.steps:
-            checkpoints.save(step + 1, model, optimizer, scheduler, asdict(result))
+            checkpoints.save(step + 1, model, optimizer, scheduler, asdict(result), scaler)
     if progress is not None:
         progress.close()
+    if disable_checkpointing is not None:
+        disable_checkpointing()
     model.eval()
     return result
 
 
-def _optimizer_step(model, params, optimizer, stream, step, settings, device) -> tuple[float, int]:
+def _optimizer_step(model, params, optimizer, scaler, stream, step, settings, device) -> tuple[float, int]:
     accumulation = settings.gradient_accumulation_steps
     total_loss, tokens = 0.0, 0
     for micro in range(accumulation):
         batch = {k: v.to(device) for k, v in stream[step * accumulation + micro].items()}
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with autocast(device, settings.precision):
             loss = model(**batch).loss / accumulation
-        loss.backward()
+        scaler.scale(loss).backward()  # the backward runs outside autocast, in the forward's dtypes (torch.amp)
         total_loss += loss.item()
         tokens += int(batch["attention_mask"].sum())
+    scaler.unscale_(optimizer)  # clip the true gradients; a no-op unless fp16
     torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
-    optimizer.step()
+    scaler.step(optimizer)  # fp16: skipped when a gradient is inf/NaN, and the scale shrinks
+    scaler.update()
     optimizer.zero_grad(set_to_none=True)
     return total_loss, tokens
 
@@ -142,8 +210,9 @@ def evaluate(model: torch.nn.Module, examples: list[TokenizedExample], batch_siz
     return total / count if count else float("nan")
 
 
-def _restore(checkpoints: Checkpoints, checkpoint: Path, model, optimizer, scheduler, result: TrainingResult) -> int:
-    progress = checkpoints.restore(checkpoint, model, optimizer, scheduler)
+def _restore(checkpoints: Checkpoints, checkpoint: Path, model, optimizer, scheduler, result: TrainingResult,
+             scaler: torch.amp.GradScaler) -> int:
+    progress = checkpoints.restore(checkpoint, model, optimizer, scheduler, scaler)
     result.losses, result.tokens, result.seconds = progress["losses"], progress["tokens"], progress["seconds"]
     result.resumed_from = progress["step"]
     return progress["step"]
