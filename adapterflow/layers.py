@@ -24,6 +24,7 @@ from adapterflow.init_methods import (
     parse_init_method,
     subtract_factors_from_base,
 )
+from adapterflow.lora_ops import can_fuse, fused_lora_linear
 
 
 class AdapterLayer(nn.Module):
@@ -186,6 +187,8 @@ class LoraLinear(LoraLayer):
         return self.lora_B[adapter].weight.data
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if can_fuse(self, x, args, kwargs):  # training: one autograd node for base + LoRA (adapterflow.lora_ops)
+            return fused_lora_linear(self, x)
         result = self.base_layer(x, *args, **kwargs)
         if self.disabled or not self.active_adapters:
             return result
