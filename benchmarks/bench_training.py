@@ -135,26 +135,39 @@ def floor_step(model, ids: torch.Tensor, args) -> float:
     return loss.item()
 
 
-def profile(pair: dict, data: list, args, top: int = 12) -> dict:
-    """torch.profiler over 3 steps per library: self time per op (ms per step), the top ops and the share of
-    matrix products (mm, addmm, bmm, attention)."""
+def profile(pair: dict, floor, data: list, args, steps: int = 4, top: int = 14) -> dict:
+    """torch.profiler around single steps of ours, PEFT and the no-LoRA floor, taking turns (as the timing does):
+    self time per op in ms per step, the top ops, and the share of matrix products (mm, addmm, bmm, attention)."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
-    result = {}
+    cases = {**{lib: (lambda ids, m=pair[lib]: train_step(*m, ids, args)) for lib in LIBS},
+             "floor": lambda ids: floor_step(floor, ids, args)}
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
-    for lib in LIBS:
-        model, optimizer = pair[lib]
-        with torch_profile(activities=activities) as prof:
-            for ids in data[:3]:
-                train_step(model, optimizer, ids, args)
-        attr = "self_device_time_total" if args.device == "cuda" else "self_cpu_time_total"
-        ops = {e.key: getattr(e, attr) / 1e3 / 3 for e in prof.key_averages()}
-        total = sum(ops.values())
-        matmul = sum(v for k, v in ops.items() if any(s in k for s in ("mm", "attention", "linear", "matmul"))
-                     and "backward" not in k.lower())
-        result[lib] = {"total_ms": total, "matmul_ms": matmul,
-                       "top": sorted(ops.items(), key=lambda kv: -kv[1])[:top]}
+    attr = "self_device_time_total" if args.device == "cuda" else "self_cpu_time_total"
+    ops = {name: {} for name in cases}
+    names = list(cases)
+    for i, ids in enumerate(data[:steps]):
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            with torch_profile(activities=activities) as prof:
+                cases[name](ids)
+                sync(args.device)
+            for event in prof.key_averages():
+                ops[name][event.key] = ops[name].get(event.key, 0.0) + getattr(event, attr) / 1e3 / steps
+    result = {}
+    for name, table in ops.items():
+        products = sum(v for k, v in table.items() if k in MATRIX_OPS)
+        result[name] = {"total_ms": sum(table.values()), "matrix_products_ms": products,
+                        "top": sorted(table.items(), key=lambda kv: -kv[1])[:top]}
     return result
+
+
+MATRIX_OPS = {"aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm",
+              "aten::_scaled_dot_product_flash_attention_for_cpu",
+              "aten::_scaled_dot_product_flash_attention_for_cpu_backward",
+              "aten::_scaled_dot_product_flash_attention", "aten::_scaled_dot_product_flash_attention_backward",
+              "aten::_scaled_dot_product_efficient_attention",
+              "aten::_scaled_dot_product_efficient_attention_backward",
+              "aten::_flash_attention_forward", "aten::_flash_attention_backward"}
 
 
 def measure_memory_here(args) -> float:
@@ -245,12 +258,15 @@ def report(res: dict) -> str:
               f"ratio any LoRA implementation could reach here. Adapters agree after training: max |ours - PEFT| = "
               f"{res['max_abs_diff']:.2e}."]
     if "profile" in res:
-        lines += ["", "Profile (torch.profiler, self time per step):", "", "| op | ours ms | PEFT ms |", "|---|---|---|"]
-        ours_ops, peft_ops = dict(res["profile"]["ours"]["top"]), dict(res["profile"]["peft"]["top"])
-        for op in sorted(set(ours_ops) | set(peft_ops), key=lambda k: -max(ours_ops.get(k, 0), peft_ops.get(k, 0))):
-            lines.append(f"| {op} | {ours_ops.get(op, 0):.1f} | {peft_ops.get(op, 0):.1f} |")
         p = res["profile"]
-        lines.append(f"| total (all ops) | {p['ours']['total_ms']:.1f} | {p['peft']['total_ms']:.1f} |")
+        lines += ["", "Profile (torch.profiler, self time in ms per step; floor = the same step without LoRA):", "",
+                  "| op | ours | PEFT | floor |", "|---|---|---|---|"]
+        tables = {name: dict(p[name]["top"]) for name in p}
+        for op in sorted(set().union(*tables.values()), key=lambda k: -max(t.get(k, 0) for t in tables.values())):
+            lines.append(f"| {op} | " + " | ".join(f"{tables[n].get(op, 0):.1f}" for n in ("ours", "peft", "floor"))
+                         + " |")
+        for key, label in (("matrix_products_ms", "matrix products (mm, addmm, attention)"), ("total_ms", "all ops")):
+            lines.append(f"| {label} | " + " | ".join(f"{p[n][key]:.1f}" for n in ("ours", "peft", "floor")) + " |")
     return "\n".join(lines)
 
 
@@ -285,11 +301,12 @@ def main() -> None:
     base = build_base(args)
     pair, data = build_pair(base, args.seed), batches(args)
     print(f"timing {args.steps} steps per library ...", file=sys.stderr)
-    timed = time_steps(pair, floor_model(base), data, args)
+    floor = floor_model(base)
+    timed = time_steps(pair, floor, data, args)
     res = {"args": vars(args), "times": timed["times"], "losses": timed["losses"], "max_abs_diff": agreement(pair)}
     if not args.skip_profile:
         print("profiling ...", file=sys.stderr)
-        res["profile"] = profile(pair, data, args)
+        res["profile"] = profile(pair, floor, data, args)
     if not args.skip_memory:
         print("memory, 4 fresh processes ...", file=sys.stderr)
         res["memory"] = memory_table(args)

@@ -192,9 +192,9 @@ def _precision_problems(params: SaveAdapterParameters, device: str) -> list[str]
                 f"CUDA) or fp32, or train on a machine with a GPU."]
     trains_base_tensors = params.adapter.modules_to_save or params.adapter.bias != "none"
     if dtype == "float16" and trains_base_tensors:
-        return [f"training.precision=fp16 with base_model.dtype=float16 trains float16 copies of base tensors "
-                f"(adapter.modules_to_save / adapter.bias), which torch's GradScaler cannot unscale; use "
-                f"base_model.dtype=float32 or bfloat16, or training.precision=bf16."]
+        return ["training.precision=fp16 with base_model.dtype=float16 trains float16 copies of base tensors "
+                "(adapter.modules_to_save / adapter.bias), which torch's GradScaler cannot unscale; use "
+                "base_model.dtype=float32, or training.precision=bf16."]
     if dtype == "bfloat16":
         return ["training.precision=fp16 with base_model.dtype=bfloat16 would cast every bfloat16 base weight to "
                 "float16 (a smaller range) in each matmul; use training.precision=bf16 with a bfloat16 base."]
