@@ -75,7 +75,18 @@ class BaseModelSettings(_Section):
 
 
 class DatasetSettings(_Section):
-    path: str = Field("builtin:instructions", description=".jsonl (text, or prompt/completion) or .txt file")
+    path: str = Field("builtin:instructions", description=".jsonl/.json, .parquet, .csv, .arrow or .txt file, a "
+                                                        "Dataset.save_to_disk folder, a Hub dataset id "
+                                                        "(namespace/name), or builtin:instructions / builtin:chat")
+    split: str = Field("train", min_length=1, description="split to read (a file has one: train)")
+    text_field: str = Field("text", min_length=1, description="column of plain-text rows")
+    prompt_field: str = Field("prompt", min_length=1, description="column of prompts (masked from the loss)")
+    completion_field: str = Field("completion", min_length=1, description="column of completions")
+    messages_field: str = Field("messages", min_length=1,
+                                description='column of chat rows: [{"role": ..., "content": ...}, ...]')
+    chat_template: Optional[str] = Field(
+        None, description="Jinja chat template for chat rows (the text, or a file holding it); default: the base "
+                          "model tokenizer's")
     eval_fraction: float = Field(0.1, gt=0, lt=1, description="share of examples held out for eval loss")
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal, Optional, Union
 
@@ -16,10 +16,11 @@ import torch
 from pydantic import BaseModel
 
 from adapterflow import ConfigError, LoraConfig, TargetError
-from adapterflow.runtime.data import DatasetError, load_examples, split_examples, tokenize
+from adapterflow.runtime.data import (DataSpec, DatasetError, load_examples, resolve_chat_template, split_examples,
+                                      tokenize)
 from adapterflow.flows.parameters import (BUILTIN_PREFIX, ParameterError, SaveAdapterParameters, is_local_reference,
                                           local_path)
-from adapterflow.model_references import is_hub_model_id
+from adapterflow.model_references import is_hub_dataset_id, is_hub_model_id
 from adapterflow.init_methods import is_randomized_pissa
 from adapterflow.redaction import redact_text
 from adapterflow.runtime.run_dir import RunDir
@@ -33,8 +34,9 @@ class RunPlan(BaseModel):
     adapter_name: str
     base_model_path: str
     dtype: Literal["float32", "bfloat16", "float16"]
-    dataset_path: str
-    dataset_sha256: str
+    dataset_path: str  # for the record; `dataset` is what the train step reads
+    dataset_fingerprint: str  # sha256 of the dataset's files (a Hub dataset: of its commit)
+    dataset: dict  # DataSpec fields: path resolved, chat_template as template text
     eval_fraction: float
     max_seq_len: int
     lora_config: dict
@@ -60,13 +62,16 @@ class RunPlan(BaseModel):
     def training_settings(self) -> TrainingSettings:
         return TrainingSettings(**self.training)
 
+    def data_spec(self) -> DataSpec:
+        return DataSpec(**self.dataset)
+
 
 @dataclass(frozen=True)
 class CheckedRun:
     """What `check_run` resolved: enough to build the RunPlan without reading anything again."""
 
     base_path: Path
-    dataset: Union[str, Path]
+    dataset: DataSpec  # path resolved, chat_template as template text
     config: LoraConfig
     n_train: int
     output_dir: Optional[Path]  # None: <run dir>/adapter
@@ -92,8 +97,8 @@ def check_run(params: SaveAdapterParameters) -> CheckedRun:
     if is_local_reference(base_name, Path.cwd()):
         base_name = str(local_path(base_name))  # a relative folder is in the current directory
     base_path = _check(problems, "base_model.name_or_path", lambda: resolve_base_model(base_name))
-    dataset = params.dataset.path if params.dataset.path.startswith(BUILTIN_PREFIX) else local_path(params.dataset.path)
-    examples = _check(problems, "dataset.path", lambda: load_examples(dataset))
+    dataset = _check(problems, "dataset.chat_template", lambda: data_spec(params))
+    examples = _check(problems, "dataset.path", lambda: load_examples(dataset)) if dataset else None
     # Adapters name their base as others can find it: a Hub id stays a Hub id, a local base is its folder.
     is_hub_id = base_path is not None and is_hub_model_id(params.base_model.name_or_path)
     config = _check(problems, "adapter", lambda: params.adapter.lora_config(base_name if is_hub_id else str(base_path)))
@@ -105,9 +110,11 @@ def check_run(params: SaveAdapterParameters) -> CheckedRun:
     if base_path is not None and examples is not None:
         train_examples, _ = split_examples(examples, params.dataset.eval_fraction, params.training.seed)
         tokenizer = _check(problems, "base_model.name_or_path", lambda: _tokenizer(load_tokenizer, base_path))
-        n_train = len(tokenize(train_examples, tokenizer, params.training.max_seq_len)) if tokenizer else 0
-        if tokenizer and n_train == 0:
-            problems.append(f"dataset.path {dataset}: no example keeps a completion token within training."
+        tokenized = _check(problems, "dataset.chat_template", lambda: tokenize(
+            train_examples, tokenizer, params.training.max_seq_len, dataset.chat_template)) if tokenizer else None
+        n_train = len(tokenized or [])
+        if tokenized is not None and n_train == 0:
+            problems.append(f"dataset.path {dataset.path}: no example keeps a completion token within training."
                             f"max_seq_len={params.training.max_seq_len}; raise training.max_seq_len.")
     device = _device(problems, params.training.device)
     output_dir = local_path(params.save.output_dir) if params.save.output_dir else None
@@ -118,6 +125,26 @@ def check_run(params: SaveAdapterParameters) -> CheckedRun:
         message = "Invalid parameters:\n" + "\n".join(f"  - {p}" for p in problems)
         raise ParameterError(redact_text(message))  # a base model URL may carry a password
     return CheckedRun(base_path, dataset, config, n_train, output_dir, device)
+
+
+def data_spec(params: SaveAdapterParameters) -> DataSpec:
+    """The dataset parameters resolved: a local path made absolute (builtin names and Hub dataset ids kept), the
+    chat template read from its file.
+
+    Raises:
+        DatasetError: dataset.chat_template is neither a template nor a readable file.
+    """
+    settings = params.dataset
+    path = settings.path
+    if not (path.startswith(BUILTIN_PREFIX) or is_hub_dataset_id(path)):
+        path = str(local_path(path))
+    fields = settings.model_dump(exclude={"eval_fraction"})
+    return DataSpec(**{**fields, "path": path, "chat_template": resolve_chat_template(settings.chat_template)})
+
+
+def dataset_record(spec: DataSpec) -> dict:
+    """RunPlan.dataset: the DataSpec's fields."""
+    return asdict(spec)
 
 
 def training_settings(params: SaveAdapterParameters, checked: CheckedRun) -> dict:

@@ -23,9 +23,10 @@ def train_adapter(plan: RunPlan) -> dict:
     logger = get_run_logger()
     run, settings = plan.run, plan.training_settings()
     tokenizer = load_tokenizer(plan.base_model_path)
-    train_examples, eval_examples = split_examples(load_examples(plan.dataset_path), plan.eval_fraction, settings.seed)
-    train_data = tokenize(train_examples, tokenizer, plan.max_seq_len)
-    eval_data = tokenize(eval_examples, tokenizer, plan.max_seq_len)
+    spec = plan.data_spec()
+    train_examples, eval_examples = split_examples(load_examples(spec), plan.eval_fraction, settings.seed)
+    train_data = tokenize(train_examples, tokenizer, plan.max_seq_len, spec.chat_template)
+    eval_data = tokenize(eval_examples, tokenizer, plan.max_seq_len, spec.chat_template)
     model = build_adapter_model(plan.base_model_path, plan.torch_dtype, plan.config(), plan.adapter_name, run,
                                 settings.seed)
     model.to(settings.device)
