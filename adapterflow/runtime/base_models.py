@@ -146,7 +146,7 @@ def _builtin(name: str, cache_dir: Path) -> Path:
     digest = hashlib.sha256(b"\0".join(parts)).hexdigest()[:12]
     target = (cache_dir / f"{name}-{digest}").absolute()
     if not (target / "config.json").is_file():
-        _build(json.loads(config_bytes), _corpus(corpus_bytes), template_bytes.decode(), target)
+        _build(json.loads(config_bytes), _corpus(corpus_bytes), target, template_bytes.decode())
     return target
 
 
@@ -189,7 +189,7 @@ def build_tokenizer(texts: list[str], vocab_size: int, model_max_length: int) ->
         padding_side="right", model_max_length=model_max_length, clean_up_tokenization_spaces=False)
 
 
-def _build(config: dict, texts: list[str], chat_template: str, target: Path) -> None:
+def _build(config: dict, texts: list[str], target: Path, chat_template: str) -> None:
     """Build the model folder in a temp folder next to `target` and rename it into place: a crash leaves no
     half-built `target`, and of two concurrent builders the loser discards its copy and uses the winner's."""
     target.parent.mkdir(parents=True, exist_ok=True)
