@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from adapterflow.flows.cli import main
+from adapterflow.runtime.base_models import resolve_base_model
 from test_names import BAD_NAME_CASES
 
 ok_data = "\n".join(json.dumps({"prompt": f"Q{i}: ", "completion": f"answer number {i}"}) for i in range(30))
@@ -22,7 +23,11 @@ FILES = {
     "broken.jsonl": '{"text": "ok"}\n{"text": \n',
     "nofields.jsonl": '{"text": "ok"}\n{"other": 1}\n',
     "empty.jsonl": "",
-    "data.csv": "text\nhello\n",
+    "data.xml": "<rows/>\n",
+    "cols.csv": "body\nhello\n",
+    "typed.jsonl": '{"text": "ok"}\n{"text": 5}\n',
+    "unstable.yaml": 'dataset:\n  path: builtin:chat\n  chat_template: "{{ messages | length }}{% for m in messages %}'
+                     '{{ m.content }}{% endfor %}"\n',
     "config-missing-model/weights.bin": "x",
     "a-file": "not a folder",
     "bad.yaml": "adapter:\n  r: [4\n",
@@ -53,7 +58,18 @@ CASES = [
     (["--set", "dataset.path=broken.jsonl"], ["broken.jsonl", "line 2: not JSON"]),
     (["--set", "dataset.path=nofields.jsonl"], ["nofields.jsonl", "line 2", '"text"']),
     (["--set", "dataset.path=empty.jsonl"], ["empty.jsonl", "no examples"]),
-    (["--set", "dataset.path=data.csv"], ["data.csv", "extension '.csv'"]),
+    (["--set", "dataset.path=data.xml"], ["data.xml", "extension '.xml'", ".parquet"]),
+    (["--set", "dataset.path=cols.csv"], ["dataset.path", "cols.csv has columns ['body']", "dataset.text_field='text'",
+                                          "--set dataset.text_field=body"]),
+    (["--set", "dataset.path=cols.csv", "--set", "dataset.text_field=content"], ["dataset.text_field='content'"]),
+    (["--set", "dataset.path=typed.jsonl"], ["typed.jsonl, line 2", "(dataset.text_field) holds int"]),
+    (["--set", "dataset.path=data.jsonl", "--set", "dataset.split=test"],
+     ["dataset.split='test'", "data.jsonl has no split 'test'", "available: ['train']"]),
+    (["--set", "dataset.path=builtin:chat", "--set", "base_model.name_or_path=no-template"],
+     ["dataset.chat_template", "no chat template", "a file holding it"]),
+    (["--set", "dataset.path=builtin:chat", "--set", "dataset.chat_template=missing.jinja"],
+     ["dataset.chat_template", "missing.jinja", "neither a Jinja template"]),
+    (["--config", "unstable.yaml"], ["dataset.chat_template", "not prefix-stable"]),
     (["--set", "dataset.path=builtin:nope"], ["dataset.path", "Unknown builtin dataset 'nope'"]),
     (["--set", "base_model.name_or_path=./no-such-model"], ["base_model.name_or_path", "no-such-model", "does not exist"]),
     (["--set", "base_model.name_or_path=config-missing-model"], ["config-missing-model", "no config.json"]),
@@ -91,6 +107,8 @@ def user_folder(tmp_path, monkeypatch, base_dir):
         path.write_bytes(content if isinstance(content, bytes) else content.encode())
     (tmp_path / "sub").mkdir()
     shutil.copytree(base_dir, tmp_path / "no-tokenizer")  # a model folder without tokenizer files
+    shutil.copytree(resolve_base_model("builtin:tiny-llama"), tmp_path / "no-template",  # a tokenizer without one
+                    ignore=shutil.ignore_patterns("chat_template.jinja"))
     monkeypatch.chdir(tmp_path)
     return tmp_path
 
