@@ -5,6 +5,7 @@ import hashlib
 import json
 
 import pyarrow as pa
+import pyarrow.feather  # noqa: F401 - pa.feather
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -42,8 +43,10 @@ def write_every_format(folder, rows) -> dict[str, str]:
     pq.write_table(table, folder / "data.parquet")
     with pa.OSFile(str(folder / "data.arrow"), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
         writer.write_table(table)  # the IPC stream format datasets itself writes
+    pa.feather.write_feather(table, str(folder / "file.arrow"))  # the IPC file format pyarrow/feather writes
     Dataset(table).save_to_disk(str(folder / "saved"))
-    paths = {name: str(folder / name) for name in ("data.jsonl", "data.json", "data.parquet", "data.arrow", "saved")}
+    paths = {name: str(folder / name) for name in ("data.jsonl", "data.json", "data.parquet", "data.arrow", "file.arrow",
+                                                             "saved")}
     if all(isinstance(v, (str, type(None))) for r in rows for v in r.values()):
         import csv
 
