@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from adapterflow import formats, get_adapter_state_dict, read_adapter, write_adapters
+from adapterflow import formats, read_adapter, write_adapters
 from adapterflow.atomic import staged_directory
 from adapterflow.runtime.distributed import Parallel
 from adapterflow.state_dict import AdapterLoadError, SaveEmbeddingLayers, load_adapter_state_dict, match_checkpoint
