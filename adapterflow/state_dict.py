@@ -231,7 +231,7 @@ def check_saveable(state: dict[str, torch.Tensor], config: LoraConfig, model: nn
                             f"a distributed rank's empty shard is not the adapter: gather it in full first")
         else:
             problems += _rank_problems(key, tensor, config)
-    if model is not None and not problems:
+    if model is not None:
         _, _, unexpected, mismatched = _pair_with_model(model, state, adapter_name)
         problems += [f"{k}: no such tensor in the model" for k in unexpected]
         problems += [f"{line} (a rank's slice?)" for line in mismatched]
