@@ -179,6 +179,23 @@ def test_an_fsdp_sharded_model_cannot_save_its_shards(base_dir, tmp_path):
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["gathered"]  # no folder from the refusals
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices (nccl: one GPU per rank)")
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_nccl_on_two_gpus_trains_the_one_gpu_adapter(tmp_path, strategy):
+    training = {**TRAINING, "device": "cuda"}
+    one = make_job(tmp_path / "one", num_processes=1, training=training)
+    run_training_job(one, log=lambda line: None)
+    job = make_job(tmp_path / "run", strategy=strategy, training=training)
+    lines = []
+    assert run_torchrun(job, lines.append)["num_processes"] == 2
+    assert f"Training on 2 processes ({strategy}, cuda)" in lines
+    expected, got = adapter(one), adapter(job)
+    assert got.keys() == expected.keys()
+    for key in expected:  # bf16 autocast on CUDA: rounding differs with the batch split
+        torch.testing.assert_close(got[key], expected[key], atol=2e-3, rtol=0)
+
+
 def _capture(into: dict, function, *args) -> None:
     try:
         into["result"] = function(*args)
