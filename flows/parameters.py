@@ -139,6 +139,13 @@ class TrainingParameters(_Section):
     checkpoint_every: int = Field(50, ge=1, description="optimizer steps between resumable checkpoints")
     keep_checkpoints: int = Field(2, ge=1, description="newest checkpoints kept (each a PEFT adapter folder)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    num_processes: int = Field(1, ge=1, description="training processes per node; more than 1 runs under torchrun "
+                                                    "(one GPU each on CUDA); batch_size stays the global batch")
+    strategy: Literal["ddp", "fsdp"] = Field("ddp", description="with several processes: ddp (DistributedDataParallel) "
+                                                               "or fsdp (fully_shard, FSDP2)")
+    nnodes: int = Field(1, ge=1, description="machines; each runs torchrun with the same rdzv_endpoint (README)")
+    rdzv_endpoint: Optional[str] = Field(None, description="host:port of torchrun's c10d rendezvous (on the first "
+                                                           "node), required when nnodes > 1")
 
     @model_validator(mode="after")
     def _steps_or_epochs(self) -> "TrainingParameters":

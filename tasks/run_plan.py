@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -41,6 +42,7 @@ class RunPlan(BaseModel):
     max_seq_len: int
     lora_config: dict
     training: dict  # TrainingSettings fields, steps and device resolved
+    launch: dict = {}  # TrainingJob's num_processes, nnodes, rdzv_endpoint, strategy (launch_settings)
     output_dir: str
     safe_serialization: bool
     save_embedding_layers: Union[bool, Literal["auto"]]
@@ -120,7 +122,7 @@ def check_run(params: SaveAdapterParameters) -> CheckedRun:
     output_dir = local_path(params.save.output_dir) if params.save.output_dir else None
     problems += _folder_problems("save.output_dir", output_dir) if output_dir else []
     problems += _folder_problems("runs_root", local_path(params.runs_root))
-    problems += _combination_problems(params)
+    problems += _combination_problems(params) + _distributed_problems(params.training, device)
     if problems:
         message = "Invalid parameters:\n" + "\n".join(f"  - {p}" for p in problems)
         raise ParameterError(redact_text(message))  # a base model URL may carry a password
@@ -160,6 +162,13 @@ def training_settings(params: SaveAdapterParameters, checked: CheckedRun) -> dic
                 warmup_steps=min(training.warmup_steps, steps), seed=training.seed,
                 checkpoint_every=training.checkpoint_every, keep_checkpoints=training.keep_checkpoints,
                 device=checked.device)
+
+
+def launch_settings(params: SaveAdapterParameters) -> dict:
+    """How many training processes, where they meet, and how they share the model (TrainingJob fields)."""
+    training = params.training
+    return dict(num_processes=training.num_processes, nnodes=training.nnodes, rdzv_endpoint=training.rdzv_endpoint,
+                strategy=training.strategy)
 
 
 def _check(problems: list[str], parameter: str, step):
@@ -232,4 +241,30 @@ def _combination_problems(params: SaveAdapterParameters) -> list[str]:
     if selected is not None and selected != [params.adapter.name]:
         problems.append(f"save.selected_adapters={selected}: this run trains one adapter, "
                         f"{params.adapter.name!r}; use [{params.adapter.name!r}] or null.")
+    return problems
+
+
+_ENDPOINT = re.compile(r"^(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(?P<port>\d{1,5})$")
+
+
+def _distributed_problems(training, device: str) -> list[str]:
+    """training.num_processes / nnodes / rdzv_endpoint / batch_size fit together (torchrun's rules)."""
+    problems = []
+    world = training.num_processes * training.nnodes
+    if training.batch_size % world:
+        problems.append(f"training.batch_size={training.batch_size} is the global batch: it must be divisible by "
+                        f"training.num_processes x training.nnodes = {world} (each process takes an equal share); "
+                        f"use a multiple of {world}.")
+    endpoint = training.rdzv_endpoint
+    if training.nnodes > 1 and not endpoint:
+        problems.append(f"training.nnodes={training.nnodes} needs training.rdzv_endpoint: host:port of the first "
+                        f"node, reachable from every node (e.g. node1.example.org:29500).")
+    match = _ENDPOINT.match(endpoint) if endpoint else None
+    if endpoint and (match is None or not 0 < int(match["port"]) < 65536):
+        problems.append(f"training.rdzv_endpoint={endpoint!r} is not host:port (a host name or IP address, a colon, "
+                        f"a port 1-65535; IPv6 in brackets), e.g. node1.example.org:29500.")
+    if device == "cuda" and torch.cuda.is_available() and training.num_processes > torch.cuda.device_count():
+        problems.append(f"training.num_processes={training.num_processes}: this machine has "
+                        f"{torch.cuda.device_count()} CUDA devices, one per process; use at most that many, or "
+                        f"training.device=cpu.")
     return problems

@@ -25,8 +25,9 @@ from pathlib import Path
 
 import torch
 
-from adapterflow import formats, get_adapter_state_dict, read_adapter, write_adapters
+from adapterflow import formats, read_adapter, write_adapters
 from adapterflow.atomic import staged_directory
+from adapterflow.runtime.distributed import Parallel
 from adapterflow.state_dict import AdapterLoadError, SaveEmbeddingLayers, load_adapter_state_dict, match_checkpoint
 
 CHECKPOINT_PREFIX = "step-"
@@ -51,26 +52,32 @@ class Checkpoints:
     save_embedding_layers: SaveEmbeddingLayers = False
     keep: int = 2
 
-    def save(self, step: int, model: torch.nn.Module, optimizer, scheduler, progress: dict) -> Path:
-        """Write step-<N>/ atomically, then delete all but the newest `keep` checkpoints.
+    def save(self, step: int, model: torch.nn.Module, optimizer, scheduler, progress: dict,
+             parallel: Parallel = Parallel()) -> Path:
+        """Write step-<N>/ atomically, then delete all but the newest `keep` checkpoints. Under torchrun every rank
+        calls it (the FSDP gather is a collective); rank 0 alone writes, and all ranks leave together.
 
         Args:
-            model: the AdapterModel being trained (its tensors may live on any device; they are written from CPU).
+            model: the AdapterModel being trained (not its DDP wrapper; its tensors may live on any device or be
+                FSDP shards: they are gathered in full and checked by `check_saveable`).
             progress: JSON-able record of the run so far (loss history etc.), stored with "step".
         """
         target = self.folder / f"{CHECKPOINT_PREFIX}{step:06d}"
         config = model.peft_config[self.adapter_name]
-        state = get_adapter_state_dict(model, config, self.adapter_name, self.save_embedding_layers)
-        with staged_directory(target) as staging:
-            # 1. the adapter, as write_adapters lays it out (it stages its own folder inside ours)
-            write_adapters(staging, {formats.DEFAULT_ADAPTER_NAME: (state, config)})
-            # 2. what only training needs
-            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), **_rng_state()},
-                       staging / STATE_FILE)
-            # 3. last: the file that marks the checkpoint complete
-            (staging / PROGRESS_FILE).write_text(json.dumps({**progress, "step": step}))
-        for old in self.complete()[:-self.keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        state = parallel.full_adapter_state(model, config, self.adapter_name, self.save_embedding_layers)
+        optimizer_state = parallel.optimizer_state(model, optimizer)
+        if parallel.is_main_process:
+            with staged_directory(target) as staging:
+                # 1. the adapter, as write_adapters lays it out (it stages its own folder inside ours)
+                write_adapters(staging, {formats.DEFAULT_ADAPTER_NAME: (state, config)})
+                # 2. what only training needs
+                torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict(), **_rng_state()},
+                           staging / STATE_FILE)
+                # 3. last: the file that marks the checkpoint complete
+                (staging / PROGRESS_FILE).write_text(json.dumps({**progress, "step": step}))
+            for old in self.complete()[:-self.keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        parallel.barrier()
         return target
 
     def complete(self) -> list[Path]:
@@ -92,9 +99,16 @@ class Checkpoints:
                 f"convert old ones. Delete {self.folder} to train this run from the start, or use a new run_name.")
         return complete[-1] if complete else None
 
-    def restore(self, checkpoint: Path, model: torch.nn.Module, optimizer, scheduler) -> dict:
-        """Load a checkpoint into the model (the adapter, through the library's key matching), the optimizer, the
-        scheduler and the RNG; returns its progress record.
+    def restore(self, checkpoint: Path, model: torch.nn.Module, optimizer, scheduler,
+                parallel: Parallel = Parallel()) -> dict:
+        """`restore_adapter`, then `restore_training_state` (for a model that is not sharded); returns progress."""
+        progress = self.restore_adapter(checkpoint, model)
+        self.restore_training_state(checkpoint, model, optimizer, scheduler, parallel)
+        return progress
+
+    def restore_adapter(self, checkpoint: Path, model: torch.nn.Module) -> dict:
+        """Load a checkpoint's adapter into the model through the library's key matching (before the model is
+        wrapped for DDP or sharded by FSDP); returns its progress record.
 
         Raises:
             CheckpointError: the checkpoint's adapter does not fit the model (other r, targets, ...) or leaves a
@@ -118,11 +132,23 @@ class Checkpoints:
                 + "\n".join(f"  - {d}" for d in details)
                 + f"\nDelete {self.folder} to train this run from the start, or use a new run_name.")
         load_adapter_state_dict(pairs, state)
+        return json.loads((checkpoint / PROGRESS_FILE).read_text())
+
+    def restore_training_state(self, checkpoint: Path, model: torch.nn.Module, optimizer, scheduler,
+                               parallel: Parallel = Parallel()) -> None:
+        """Load the optimizer (through `parallel`: FSDP re-shards the full state), scheduler and RNG state of a
+        checkpoint, on every rank.
+
+        Raises:
+            CheckpointError: the optimizer state was written under the other training.strategy.
+        """
         training_state = torch.load(checkpoint / STATE_FILE, weights_only=True)
-        optimizer.load_state_dict(training_state["optimizer"])
+        try:
+            parallel.load_optimizer_state(model, optimizer, training_state["optimizer"])
+        except ValueError as exc:
+            raise CheckpointError(f"Cannot resume from {checkpoint}: {exc}.") from None
         scheduler.load_state_dict(training_state["scheduler"])
         _set_rng_state(training_state)
-        return json.loads((checkpoint / PROGRESS_FILE).read_text())
 
 
 def checkpoint_step(checkpoint: Path) -> int:

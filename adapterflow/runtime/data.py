@@ -183,22 +183,44 @@ def collate(examples: list[TokenizedExample], pad_id: int) -> dict[str, torch.Te
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
+def shard(examples: list[TokenizedExample], rank: int, world_size: int) -> list[TokenizedExample]:
+    """This rank's contiguous slice of a global batch (sizes differ by at most one). An empty slice becomes the
+    batch's first example with every label ignored: the rank still runs forward and backward with the others
+    (DDP and FSDP communicate there), contributing nothing to the loss."""
+    n = len(examples)
+    mine = examples[rank * n // world_size:(rank + 1) * n // world_size]
+    return mine or [TokenizedExample(examples[0].input_ids, [IGNORE_INDEX] * len(examples[0].labels))]
+
+
+def label_tokens(examples: list[TokenizedExample]) -> int:
+    """Tokens the causal-LM loss is taken on (labels shifted by one, as the model does)."""
+    return sum(label != IGNORE_INDEX for example in examples for label in example.labels[1:])
+
+
 class BatchStream:
     """Micro-batch number m -> batch, the same on every run with the same seed: epoch e visits the examples in a
-    permutation seeded by (seed, e). Resuming at step k just asks for batch k * accumulation onwards."""
+    permutation seeded by (seed, e). Resuming at step k just asks for batch k * accumulation onwards. Under
+    torchrun, `batch_size` is the global batch: rank r of `world_size` gets its `shard` of every micro-batch."""
 
-    def __init__(self, examples: list[TokenizedExample], batch_size: int, seed: int, pad_id: int) -> None:
+    def __init__(self, examples: list[TokenizedExample], batch_size: int, seed: int, pad_id: int, rank: int = 0,
+                 world_size: int = 1) -> None:
         if not examples:
             raise DatasetError("No training example is left after tokenization; check max_seq_len and the data.")
         self.examples, self.batch_size, self.seed, self.pad_id = examples, batch_size, seed, pad_id
+        self.rank, self.world_size = rank, world_size
         self.batches_per_epoch = -(-len(examples) // batch_size)
         self._order: tuple[int, list[int]] | None = None
 
-    def __getitem__(self, m: int) -> dict[str, torch.Tensor]:
+    def global_batch(self, m: int) -> list[TokenizedExample]:
+        """The examples of micro-batch m, over all ranks."""
         epoch, index = divmod(m, self.batches_per_epoch)
         if self._order is None or self._order[0] != epoch:
             order = list(range(len(self.examples)))
             random.Random(f"{self.seed}-{epoch}").shuffle(order)
             self._order = (epoch, order)
         chosen = self._order[1][index * self.batch_size:(index + 1) * self.batch_size]
-        return collate([self.examples[i] for i in chosen], self.pad_id)
+        return [self.examples[i] for i in chosen]
+
+    def __getitem__(self, m: int) -> dict[str, torch.Tensor]:
+        """This rank's part of micro-batch m, collated."""
+        return collate(shard(self.global_batch(m), self.rank, self.world_size), self.pad_id)

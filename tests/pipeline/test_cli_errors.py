@@ -95,6 +95,14 @@ CASES = [
     (["--set", "base_model.name_or_path=not//valid"], ["base_model.name_or_path", "neither an existing folder"]),
     (["--set", "run_name=../escape"], ["run_name", "names the run directory"]),
     (["--set", "adapter.target_modules=5"], ["adapter.target_modules (--set adapter.target_modules=5)"]),
+    (["--set", "training.num_processes=3"], ["training.batch_size=16 is the global batch", "divisible by",
+                                             "training.num_processes x training.nnodes = 3", "multiple of 3"]),
+    (["--set", "training.num_processes=0"], ["training.num_processes", "greater than or equal to 1"]),
+    (["--set", "training.strategy=deepspeed"], ["training.strategy", "'ddp' or 'fsdp'"]),
+    (["--set", "training.nnodes=2"], ["training.nnodes=2 needs training.rdzv_endpoint", "host:port"]),
+    (["--set", "training.nnodes=2", "--set", "training.rdzv_endpoint=node1"],
+     ["training.rdzv_endpoint='node1' is not host:port", "node1.example.org:29500"]),
+    (["--set", "training.rdzv_endpoint=node1:99999"], ["training.rdzv_endpoint='node1:99999' is not host:port"]),
 ]
 
 
