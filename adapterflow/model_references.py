@@ -48,6 +48,16 @@ def is_hub_model_id(value: str, base: Optional[Path] = None) -> bool:
     return reference_kind(value, base) == "hub"
 
 
+# Dataset file suffixes (adapterflow.runtime.data_sources reads them): a dataset.path ending in one is a file.
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".arrow", ".txt")
+
+
+def is_hub_dataset_id(value: str, base: Optional[Path] = None) -> bool:
+    """True when a `dataset.path` value names a Hub dataset repo ("namespace/name"): a Hub id by `reference_kind`
+    that does not end in a dataset file suffix (so a missing `data/train.jsonl` is a missing file, not a repo)."""
+    return reference_kind(value, base) == "hub" and not value.lower().endswith(DATA_SUFFIXES)
+
+
 def is_local_reference(value: str, base: Path) -> bool:
     """True when `value` is spelt as a local path (absolute, `~`, `./`, `../`, `.`, `..`) or exists relative to
     `base`: the references the parameter loader makes absolute. A name that is neither that nor a Hub id is

@@ -27,7 +27,7 @@ from adapterflow.layers import LoraLinear
 from adapterflow.model_card import ModelCardInfo, render_model_card
 from adapterflow.conversion import convert_pissa_to_lora
 from adapterflow.serialization import payload_bytes, read_weights, write_weights
-from adapterflow.state_dict import SaveEmbeddingLayers, adapter_layers, get_adapter_state_dict
+from adapterflow.state_dict import SaveEmbeddingLayers, adapter_layers, check_saveable, get_adapter_state_dict
 
 Adapter = tuple[dict[str, torch.Tensor], LoraConfig]
 
@@ -48,10 +48,13 @@ def write_adapters(
 
     Raises:
         ValueError: an invalid adapter name, or save_directory is a file.
+        adapterflow.state_dict.AdapterSaveError: a tensor is a distributed shard (DTensor), empty, or not of the
+            shape r implies (`check_saveable`); nothing is written.
         OSError: a write failed; the message names save_directory and, for a full disk, the bytes needed.
     """
-    for name in adapters:
+    for name, (state, config) in adapters.items():
         formats.check_adapter_name(name)
+        check_saveable(state, config)
     root = Path(save_directory)
     weights = formats.weights_name(safe_serialization)
     stale = {formats.adapter_dir(Path(), name) / formats.weights_name(not safe_serialization) for name in adapters}
@@ -114,6 +117,7 @@ def save_adapter_model(
     for name in names:
         config = model.peft_config[name]
         state = get_adapter_state_dict(model, config, name, save_embedding_layers)
+        check_saveable(state, config, model, name)  # e.g. an FSDP model's shards: gather first
         if initial is not None:
             state, config = convert_pissa_to_lora(state, config, *initial, base_weights=_base_weights(model, name))
         elif is_randomized_pissa(config.init_lora_weights):

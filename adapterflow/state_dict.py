@@ -8,6 +8,7 @@ and visits adapter layers only: its cost grows with the adapter, not with the ba
 from __future__ import annotations
 
 import json
+import sys
 import warnings
 from pathlib import Path
 from typing import Iterator, Literal, Union
@@ -22,7 +23,7 @@ from adapterflow.serialization import AdapterLoadError
 from adapterflow.targeting import embedding_is_targeted
 
 SaveEmbeddingLayers = Union[bool, Literal["auto"]]
-__all__ = ["AdapterLoadError", "changed_base_tensors", "get_adapter_state_dict", "load_adapter_state_dict",
+__all__ = ["AdapterLoadError", "AdapterSaveError", "changed_base_tensors", "check_saveable", "get_adapter_state_dict", "load_adapter_state_dict",
            "match_checkpoint"]
 
 
@@ -170,6 +171,14 @@ def match_checkpoint(model: nn.Module, state: dict[str, torch.Tensor], adapter_n
         AdapterLoadError: an adapter tensor has no checkpoint entry, a checkpoint entry matches nothing in the
             model, or shapes differ.
     """
+    resolved, missing, unexpected, mismatched = _pair_with_model(model, state, adapter_name)
+    if missing or unexpected or mismatched:
+        raise AdapterLoadError(_load_error_message(missing, unexpected, mismatched))
+    return resolved
+
+
+def _pair_with_model(model: nn.Module, state: dict[str, torch.Tensor], adapter_name: str):
+    """(resolved {key: model tensor}, missing keys, unexpected keys, shape mismatch lines)."""
     model_tensors = adapter_model_tensors(model, adapter_name)
     targets = formats.checkpoint_to_model_keys(list(model_tensors), adapter_name)
     extra_keys = [k for k in state if k not in targets]
@@ -182,9 +191,63 @@ def match_checkpoint(model: nn.Module, state: dict[str, torch.Tensor], adapter_n
         for k, t in resolved.items()
         if t.shape != state[k].shape
     ]
-    if missing or unexpected or mismatched:
-        raise AdapterLoadError(_load_error_message(missing, unexpected, mismatched))
-    return resolved
+    return resolved, missing, unexpected, mismatched
+
+
+class AdapterSaveError(ValueError):
+    """Tensors that must not reach a saved adapter file (a shard of a distributed parameter, an empty tensor, a
+    shape the config and the model do not imply); the message names each key and how to gather in full."""
+
+
+_RANK_DIMS = {f".{formats.LORA_A}.weight": 0, f".{formats.LORA_B}.weight": 1, f".{formats.LORA_EMBEDDING_A}": 0,
+              f".{formats.LORA_EMBEDDING_B}": 1}  # where r sits: lora_A (r, in), lora_B (out, r), PEFT's layouts
+
+
+def check_saveable(state: dict[str, torch.Tensor], config: LoraConfig, model: nn.Module | None = None,
+                   adapter_name: str = formats.DEFAULT_ADAPTER_NAME) -> None:
+    """Refuse a state dict that would save a rank's slice instead of the adapter (the failure accelerate fixed in
+    its PR #4206: FSDP-sharded LoRA weights saved as each rank's shard, or empty).
+
+    Args:
+        state: {PEFT checkpoint key: tensor} about to be written.
+        config: the adapter's config: lora_A must be (r, in_features), lora_B (out_features, r), lora_embedding_A
+            (r, num_embeddings), lora_embedding_B (embedding_dim, r), with r after rank_pattern.
+        model: when given, every tensor's shape must also equal the (logical, unsharded) shape of the model
+            tensor it belongs to (`match_checkpoint`'s pairing).
+
+    Raises:
+        AdapterSaveError: a DTensor (torch.distributed.tensor), a meta or empty tensor, or a wrong shape; nothing
+            was written.
+    """
+    dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)  # none exists unless loaded
+    problems = []
+    for key, tensor in state.items():
+        if dtensor is not None and isinstance(tensor, dtensor):
+            problems.append(f"{key}: a DTensor sharded over {tensor.device_mesh.size()} ranks "
+                            f"({tuple(tensor.to_local().shape)} on this rank); gather it first (DTensor.full_tensor(), "
+                            f"or get_model_state_dict(..., options=StateDictOptions(full_state_dict=True)))")
+        elif tensor.is_meta or tensor.numel() == 0:
+            problems.append(f"{key}: {'a meta' if tensor.is_meta else 'an empty'} tensor {tuple(tensor.shape)}; "
+                            f"a distributed rank's empty shard is not the adapter: gather it in full first")
+        else:
+            problems += _rank_problems(key, tensor, config)
+    if model is not None:
+        _, _, unexpected, mismatched = _pair_with_model(model, state, adapter_name)
+        problems += [f"{k}: no such tensor in the model" for k in unexpected]
+        problems += [f"{line} (a rank's slice?)" for line in mismatched]
+    if problems:
+        raise AdapterSaveError("Refusing to save the adapter: these tensors are not the full adapter weights:\n"
+                               + "\n".join(f"  - {p}" for p in problems[:10]))
+
+
+def _rank_problems(key: str, tensor: torch.Tensor, config: LoraConfig) -> list[str]:
+    name = key[len(formats.PEFT_KEY_PREFIX):] if key.startswith(formats.PEFT_KEY_PREFIX) else key
+    for suffix, dim in _RANK_DIMS.items():
+        if name.endswith(suffix):
+            r = config.rank_and_alpha(name[:-len(suffix)])[0]
+            if tensor.ndim != 2 or tensor.shape[dim] != r:
+                return [f"{key}: shape {tuple(tensor.shape)}, but r={r} must be its dimension {dim}"]
+    return []
 
 
 @torch.no_grad()

@@ -14,7 +14,9 @@ from typing import Any
 
 from adapterflow.flows.parameters import (BUILTIN_PREFIX, ParameterError, SaveAdapterParameters, is_local_reference,
                                           local_path)
+from adapterflow.model_references import is_hub_dataset_id
 from adapterflow.redaction import redact_text
+from adapterflow.runtime.chat import is_template_text
 
 _KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 
@@ -134,18 +136,20 @@ def merge(base: dict, updates: dict) -> dict:
 
 def resolve_paths(data: dict, base: Path) -> dict:
     """Make the path parameters of a parameter dict absolute against `base` (a --config file's folder, or the
-    current directory for --set): runs_root, save.output_dir, dataset.path always; base_model.name_or_path when it
-    names a local folder (`is_local_reference`). Hub ids and builtin: names stay as they are. Returns `data`."""
-    def fix(section: str, key: str, always: bool) -> None:
+    current directory for --set): runs_root, save.output_dir, dataset.path unless it is a Hub dataset id;
+    dataset.chat_template when it is a file name, not a template; base_model.name_or_path when it names a local
+    folder (`is_local_reference`). Hub ids and builtin: names stay as they are. Returns `data`."""
+    def fix(section: str, key: str, always: bool, unless=lambda value: False) -> None:
         node = data.get(section) if section else data
         value = node.get(key) if isinstance(node, dict) else None
-        if isinstance(value, str) and value and not value.startswith(BUILTIN_PREFIX) and (
+        if isinstance(value, str) and value and not value.startswith(BUILTIN_PREFIX) and not unless(value) and (
                 always or is_local_reference(value, base)):
             node[key] = str(local_path(base / Path(value).expanduser()))
 
     fix("", "runs_root", always=True)
     fix("save", "output_dir", always=True)
-    fix("dataset", "path", always=True)
+    fix("dataset", "path", always=True, unless=lambda value: is_hub_dataset_id(value, base))
+    fix("dataset", "chat_template", always=True, unless=is_template_text)
     fix("base_model", "name_or_path", always=False)
     return data
 

@@ -75,7 +75,18 @@ class BaseModelSettings(_Section):
 
 
 class DatasetSettings(_Section):
-    path: str = Field("builtin:instructions", description=".jsonl (text, or prompt/completion) or .txt file")
+    path: str = Field("builtin:instructions", description=".jsonl/.json, .parquet, .csv, .arrow or .txt file, a "
+                                                        "Dataset.save_to_disk folder, a Hub dataset id "
+                                                        "(namespace/name), or builtin:instructions / builtin:chat")
+    split: str = Field("train", min_length=1, description="split to read (a file has one: train)")
+    text_field: str = Field("text", min_length=1, description="column of plain-text rows")
+    prompt_field: str = Field("prompt", min_length=1, description="column of prompts (masked from the loss)")
+    completion_field: str = Field("completion", min_length=1, description="column of completions")
+    messages_field: str = Field("messages", min_length=1,
+                                description='column of chat rows: [{"role": ..., "content": ...}, ...]')
+    chat_template: Optional[str] = Field(
+        None, description="Jinja chat template for chat rows (the text, or a file holding it); default: the base "
+                          "model tokenizer's")
     eval_fraction: float = Field(0.1, gt=0, lt=1, description="share of examples held out for eval loss")
 
 
@@ -128,6 +139,13 @@ class TrainingParameters(_Section):
     checkpoint_every: int = Field(50, ge=1, description="optimizer steps between resumable checkpoints")
     keep_checkpoints: int = Field(2, ge=1, description="newest checkpoints kept (each a PEFT adapter folder)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    num_processes: int = Field(1, ge=1, description="training processes per node; more than 1 runs under torchrun "
+                                                    "(one GPU each on CUDA); batch_size stays the global batch")
+    strategy: Literal["ddp", "fsdp"] = Field("ddp", description="with several processes: ddp (DistributedDataParallel) "
+                                                               "or fsdp (fully_shard, FSDP2)")
+    nnodes: int = Field(1, ge=1, description="machines; each runs torchrun with the same rdzv_endpoint (README)")
+    rdzv_endpoint: Optional[str] = Field(None, description="host:port of torchrun's c10d rendezvous (on the first "
+                                                           "node), required when nnodes > 1")
     precision: Literal["fp32", "bf16", "fp16"] = Field(
         "fp32", description="autocast dtype of the training forward: fp32 (none), bf16 (CPU and CUDA), fp16 (CUDA "
                             "only, with a grad scaler); adapter weights stay fp32, base weights keep base_model.dtype")

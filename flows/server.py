@@ -21,7 +21,6 @@ On other platforms than Linux there is no PDEATHSIG: a SIGKILLed CLI still leave
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import importlib.util
 import os
 import signal
@@ -30,10 +29,11 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
-PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+from adapterflow.runtime.processes import die_with_parent as _die_with_parent
+
 STOP_TIMEOUT_S = 5  # then SIGKILL, as Prefect's SubprocessASGIServer.stop does
 DRAIN_TIMEOUT_S = 10
 _SERVER_ENV = {"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
@@ -202,20 +202,6 @@ def _prefect_settings(client_env: dict[str, str]) -> contextlib.AbstractContextM
     if settings is None:
         return contextlib.nullcontext()
     return settings.temporary_settings(updates={getattr(settings, name): value for name, value in client_env.items()})
-
-
-def _die_with_parent(parent_pid: int) -> Callable[[], None] | None:
-    """A `preexec_fn` that has the kernel SIGTERM the child when `parent_pid` dies (Linux only, else None)."""
-    if not sys.platform.startswith("linux"):
-        return None
-    libc = ctypes.CDLL(None, use_errno=True)  # loaded before the fork: the child only calls it
-
-    def preexec() -> None:
-        libc.prctl(PR_SET_PDEATHSIG, ctypes.c_ulong(signal.SIGTERM))
-        if os.getppid() != parent_pid:  # the parent died before prctl took effect
-            os._exit(1)
-
-    return preexec
 
 
 def _free_port() -> int:

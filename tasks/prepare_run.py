@@ -10,13 +10,14 @@ from pathlib import Path
 from prefect import get_run_logger, task
 
 from adapterflow import formats
-from adapterflow.runtime.data import dataset_sha256
+from adapterflow.runtime.data import dataset_fingerprint
 from adapterflow.flows.parameters import SaveAdapterParameters, local_path
 from adapterflow.init_methods import is_pissa
 from adapterflow.redaction import redact
 from adapterflow.runtime.run_dir import RunDir, read_json, write_json
 from adapterflow.tasks.retries import RESULT_OPTIONS, RETRY_OPTIONS
-from adapterflow.tasks.run_plan import ParameterError, RunPlan, check_run, training_settings
+from adapterflow.tasks.run_plan import (ParameterError, RunPlan, check_run, dataset_record, launch_settings,
+                                        training_settings)
 
 __all__ = ["ParameterError", "claim_output_dir", "prepare_run"]
 
@@ -36,10 +37,11 @@ def prepare_run(params: SaveAdapterParameters, run_name: str) -> RunPlan:
         output_dir = claim_output_dir(output_dir, run, runs_root / "claims", params.save.if_exists)
     plan = RunPlan(
         run_dir=str(run.root), adapter_name=params.adapter.name, base_model_path=str(checked.base_path),
-        dtype=params.base_model.dtype, dataset_path=str(checked.dataset),
-        dataset_sha256=dataset_sha256(checked.dataset), eval_fraction=params.dataset.eval_fraction,
+        dtype=params.base_model.dtype, dataset_path=checked.dataset.path,
+        dataset_fingerprint=dataset_fingerprint(checked.dataset), dataset=dataset_record(checked.dataset),
+        eval_fraction=params.dataset.eval_fraction,
         max_seq_len=params.training.max_seq_len, lora_config=checked.config.to_dict(),
-        training=training_settings(params, checked), output_dir=str(output_dir),
+        training=training_settings(params, checked), launch=launch_settings(params), output_dir=str(output_dir),
         safe_serialization=params.save.safe_serialization, save_embedding_layers=params.save.save_embedding_layers,
         convert_pissa_to_lora=is_pissa(params.adapter.init) and params.save.convert_pissa_to_lora,
         atol=params.verify.atol or (1e-4 if params.base_model.dtype == "float32" else 5e-2),

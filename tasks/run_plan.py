@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import tempfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal, Optional, Union
 
@@ -16,10 +17,11 @@ import torch
 from pydantic import BaseModel
 
 from adapterflow import ConfigError, LoraConfig, TargetError
-from adapterflow.runtime.data import DatasetError, load_examples, split_examples, tokenize
+from adapterflow.runtime.data import (DataSpec, DatasetError, load_examples, resolve_chat_template, split_examples,
+                                      tokenize)
 from adapterflow.flows.parameters import (BUILTIN_PREFIX, ParameterError, SaveAdapterParameters, is_local_reference,
                                           local_path)
-from adapterflow.model_references import is_hub_model_id
+from adapterflow.model_references import is_hub_dataset_id, is_hub_model_id
 from adapterflow.init_methods import is_randomized_pissa
 from adapterflow.redaction import redact_text
 from adapterflow.runtime.run_dir import RunDir
@@ -33,12 +35,14 @@ class RunPlan(BaseModel):
     adapter_name: str
     base_model_path: str
     dtype: Literal["float32", "bfloat16", "float16"]
-    dataset_path: str
-    dataset_sha256: str
+    dataset_path: str  # for the record; `dataset` is what the train step reads
+    dataset_fingerprint: str  # sha256 of the dataset's files (a Hub dataset: of its commit)
+    dataset: dict  # DataSpec fields: path resolved, chat_template as template text
     eval_fraction: float
     max_seq_len: int
     lora_config: dict
     training: dict  # TrainingSettings fields, steps and device resolved
+    launch: dict = {}  # TrainingJob's num_processes, nnodes, rdzv_endpoint, strategy (launch_settings)
     output_dir: str
     safe_serialization: bool
     save_embedding_layers: Union[bool, Literal["auto"]]
@@ -60,13 +64,16 @@ class RunPlan(BaseModel):
     def training_settings(self) -> TrainingSettings:
         return TrainingSettings(**self.training)
 
+    def data_spec(self) -> DataSpec:
+        return DataSpec(**self.dataset)
+
 
 @dataclass(frozen=True)
 class CheckedRun:
     """What `check_run` resolved: enough to build the RunPlan without reading anything again."""
 
     base_path: Path
-    dataset: Union[str, Path]
+    dataset: DataSpec  # path resolved, chat_template as template text
     config: LoraConfig
     n_train: int
     output_dir: Optional[Path]  # None: <run dir>/adapter
@@ -92,8 +99,8 @@ def check_run(params: SaveAdapterParameters) -> CheckedRun:
     if is_local_reference(base_name, Path.cwd()):
         base_name = str(local_path(base_name))  # a relative folder is in the current directory
     base_path = _check(problems, "base_model.name_or_path", lambda: resolve_base_model(base_name))
-    dataset = params.dataset.path if params.dataset.path.startswith(BUILTIN_PREFIX) else local_path(params.dataset.path)
-    examples = _check(problems, "dataset.path", lambda: load_examples(dataset))
+    dataset = _check(problems, "dataset.chat_template", lambda: data_spec(params))
+    examples = _check(problems, "dataset.path", lambda: load_examples(dataset)) if dataset else None
     # Adapters name their base as others can find it: a Hub id stays a Hub id, a local base is its folder.
     is_hub_id = base_path is not None and is_hub_model_id(params.base_model.name_or_path)
     config = _check(problems, "adapter", lambda: params.adapter.lora_config(base_name if is_hub_id else str(base_path)))
@@ -105,20 +112,42 @@ def check_run(params: SaveAdapterParameters) -> CheckedRun:
     if base_path is not None and examples is not None:
         train_examples, _ = split_examples(examples, params.dataset.eval_fraction, params.training.seed)
         tokenizer = _check(problems, "base_model.name_or_path", lambda: _tokenizer(load_tokenizer, base_path))
-        n_train = len(tokenize(train_examples, tokenizer, params.training.max_seq_len)) if tokenizer else 0
-        if tokenizer and n_train == 0:
-            problems.append(f"dataset.path {dataset}: no example keeps a completion token within training."
+        tokenized = _check(problems, "dataset.chat_template", lambda: tokenize(
+            train_examples, tokenizer, params.training.max_seq_len, dataset.chat_template)) if tokenizer else None
+        n_train = len(tokenized or [])
+        if tokenized is not None and n_train == 0:
+            problems.append(f"dataset.path {dataset.path}: no example keeps a completion token within training."
                             f"max_seq_len={params.training.max_seq_len}; raise training.max_seq_len.")
     device = _device(problems, params.training.device)
     problems += _precision_problems(params, device)
     output_dir = local_path(params.save.output_dir) if params.save.output_dir else None
     problems += _folder_problems("save.output_dir", output_dir) if output_dir else []
     problems += _folder_problems("runs_root", local_path(params.runs_root))
-    problems += _combination_problems(params)
+    problems += _combination_problems(params) + _distributed_problems(params.training, device)
     if problems:
         message = "Invalid parameters:\n" + "\n".join(f"  - {p}" for p in problems)
         raise ParameterError(redact_text(message))  # a base model URL may carry a password
     return CheckedRun(base_path, dataset, config, n_train, output_dir, device)
+
+
+def data_spec(params: SaveAdapterParameters) -> DataSpec:
+    """The dataset parameters resolved: a local path made absolute (builtin names and Hub dataset ids kept), the
+    chat template read from its file.
+
+    Raises:
+        DatasetError: dataset.chat_template is neither a template nor a readable file.
+    """
+    settings = params.dataset
+    path = settings.path
+    if not (path.startswith(BUILTIN_PREFIX) or is_hub_dataset_id(path)):
+        path = str(local_path(path))
+    fields = settings.model_dump(exclude={"eval_fraction"})
+    return DataSpec(**{**fields, "path": path, "chat_template": resolve_chat_template(settings.chat_template)})
+
+
+def dataset_record(spec: DataSpec) -> dict:
+    """RunPlan.dataset: the DataSpec's fields."""
+    return asdict(spec)
 
 
 def training_settings(params: SaveAdapterParameters, checked: CheckedRun) -> dict:
@@ -135,6 +164,13 @@ def training_settings(params: SaveAdapterParameters, checked: CheckedRun) -> dic
                 checkpoint_every=training.checkpoint_every, keep_checkpoints=training.keep_checkpoints,
                 device=checked.device, precision=training.precision,
                 gradient_checkpointing=training.gradient_checkpointing)
+
+
+def launch_settings(params: SaveAdapterParameters) -> dict:
+    """How many training processes, where they meet, and how they share the model (TrainingJob fields)."""
+    training = params.training
+    return dict(num_processes=training.num_processes, nnodes=training.nnodes, rdzv_endpoint=training.rdzv_endpoint,
+                strategy=training.strategy)
 
 
 def _check(problems: list[str], parameter: str, step):
@@ -190,6 +226,10 @@ def _precision_problems(params: SaveAdapterParameters, device: str) -> list[str]
                  else "training.device=cpu")
         return [f"training.precision=fp16 needs a CUDA device ({where}); use training.precision=bf16 (CPU and "
                 f"CUDA) or fp32, or train on a machine with a GPU."]
+    if training.strategy == "fsdp" and training.num_processes * training.nnodes > 1:
+        return ["training.precision=fp16 with training.strategy=fsdp: torch.amp.GradScaler checks each rank's "
+                "gradient shards alone, so ranks could disagree on skipping a step; use training.precision=bf16, "
+                "or training.strategy=ddp."]
     trains_base_tensors = params.adapter.modules_to_save or params.adapter.bias != "none"
     if dtype == "float16" and trains_base_tensors:
         return ["training.precision=fp16 with base_model.dtype=float16 trains float16 copies of base tensors "
@@ -229,4 +269,30 @@ def _combination_problems(params: SaveAdapterParameters) -> list[str]:
     if selected is not None and selected != [params.adapter.name]:
         problems.append(f"save.selected_adapters={selected}: this run trains one adapter, "
                         f"{params.adapter.name!r}; use [{params.adapter.name!r}] or null.")
+    return problems
+
+
+_ENDPOINT = re.compile(r"^(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(?P<port>\d{1,5})$")
+
+
+def _distributed_problems(training, device: str) -> list[str]:
+    """training.num_processes / nnodes / rdzv_endpoint / batch_size fit together (torchrun's rules)."""
+    problems = []
+    world = training.num_processes * training.nnodes
+    if training.batch_size % world:
+        problems.append(f"training.batch_size={training.batch_size} is the global batch: it must be divisible by "
+                        f"training.num_processes x training.nnodes = {world} (each process takes an equal share); "
+                        f"use a multiple of {world}.")
+    endpoint = training.rdzv_endpoint
+    if training.nnodes > 1 and not endpoint:
+        problems.append(f"training.nnodes={training.nnodes} needs training.rdzv_endpoint: host:port of the first "
+                        f"node, reachable from every node (e.g. node1.example.org:29500).")
+    match = _ENDPOINT.match(endpoint) if endpoint else None
+    if endpoint and (match is None or not 0 < int(match["port"]) < 65536):
+        problems.append(f"training.rdzv_endpoint={endpoint!r} is not host:port (a host name or IP address, a colon, "
+                        f"a port 1-65535; IPv6 in brackets), e.g. node1.example.org:29500.")
+    if device == "cuda" and torch.cuda.is_available() and training.num_processes > torch.cuda.device_count():
+        problems.append(f"training.num_processes={training.num_processes}: this machine has "
+                        f"{torch.cuda.device_count()} CUDA devices, one per process; use at most that many, or "
+                        f"training.device=cpu.")
     return problems

@@ -26,6 +26,7 @@ os.environ.update(
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
         "ADAPTERFLOW_RETRY_BACKOFF": "0.05",
         "ADAPTERFLOW_CACHE": str(_SESSION_DIR / "cache"),
+        "HF_DATASETS_CACHE": str(_SESSION_DIR / "datasets-cache"),  # datasets' Arrow cache, never ~/.cache
     }
 )
 

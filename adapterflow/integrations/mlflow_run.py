@@ -88,7 +88,7 @@ def run_params(plan: dict) -> dict[str, str]:
               "base_model.name_or_path": given.get("base_model", {}).get("name_or_path"),
               "base_model.dtype": plan.get("dtype"), "adapter.name": plan.get("adapter_name"),
               "adapter.init": given.get("adapter", {}).get("init"),
-              "dataset.path": plan.get("dataset_path"), "dataset.sha256": plan.get("dataset_sha256"),
+              "dataset.path": plan.get("dataset_path"), "dataset.fingerprint": plan.get("dataset_fingerprint"),
               "dataset.eval_fraction": plan.get("eval_fraction"), "max_seq_len": plan.get("max_seq_len"),
               "save.convert_pissa_to_lora": plan.get("convert_pissa_to_lora"), "verify.atol": plan.get("atol")}
     return {key: _compact(value) for key, value in params.items() if value not in (None, "", [], {})}

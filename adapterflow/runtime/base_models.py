@@ -1,7 +1,9 @@
 """Base models: a builtin tiny Llama built locally, or a transformers model folder on disk.
 
 `builtin:tiny-llama` is built from `builtin/tiny-llama.json` with weights from a fixed seed and a byte-level BPE
-tokenizer trained on `builtin/instructions.jsonl`, and saved once as a real transformers folder (config.json,
+tokenizer trained on `builtin/instructions.jsonl`, with the chat template `builtin/tiny-llama.chat_template.jinja`
+(role markers `<|system|>`, `<|user|>`, `<|assistant|>` are special tokens; an assistant turn ends with `</s>`),
+and saved once as a real transformers folder (config.json,
 model.safetensors, tokenizer files) under the cache directory, so transformers, PEFT and adapterflow all load it
 by path. Nothing is downloaded: a Hub repo id is refused with instructions to download the model first.
 """
@@ -26,12 +28,15 @@ from transformers.utils import logging as hf_logging
 
 from adapterflow.atomic import fsync_dir, fsync_tree
 from adapterflow.model_references import is_hub_model_id
-from adapterflow.runtime.data import BUILTIN_DIR, BUILTIN_PREFIX
+from adapterflow.model_references import BUILTIN_PREFIX
+from adapterflow.runtime.data_sources import BUILTIN_DIR
 
-BUILTIN_MODELS = {"tiny-llama": ("tiny-llama.json", "instructions.jsonl")}  # name -> (config, tokenizer corpus)
-BUILD_VERSION = "1"  # bump when the build below changes, so cached folders are rebuilt under a new name
+# name -> (config, tokenizer corpus, chat template)
+BUILTIN_MODELS = {"tiny-llama": ("tiny-llama.json", "instructions.jsonl", "tiny-llama.chat_template.jinja")}
+BUILD_VERSION = "2"  # bump when the build below changes, so cached folders are rebuilt under a new name
 SEED = 0
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")  # ids 0..3, as in the builtin configs
+ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")  # ids 4..6: the chat template's role markers
 _BUILD_LOCK = threading.Lock()  # seeding is global to the process: one build at a time per process
 
 
@@ -136,12 +141,12 @@ def _builtin_names() -> list[str]:
 def _builtin(name: str, cache_dir: Path) -> Path:
     if name not in BUILTIN_MODELS:
         raise ValueError(f"Unknown builtin base model {BUILTIN_PREFIX + name!r}; available: {_builtin_names()}.")
-    config_file, corpus_file = (BUILTIN_DIR / file for file in BUILTIN_MODELS[name])
-    config_bytes, corpus_bytes = config_file.read_bytes(), corpus_file.read_bytes()
-    digest = hashlib.sha256(b"\0".join([config_bytes, corpus_bytes, BUILD_VERSION.encode()])).hexdigest()[:12]
+    config_bytes, corpus_bytes, template_bytes = ((BUILTIN_DIR / file).read_bytes() for file in BUILTIN_MODELS[name])
+    parts = [config_bytes, corpus_bytes, template_bytes, BUILD_VERSION.encode()]
+    digest = hashlib.sha256(b"\0".join(parts)).hexdigest()[:12]
     target = (cache_dir / f"{name}-{digest}").absolute()
     if not (target / "config.json").is_file():
-        _build(json.loads(config_bytes), _corpus(corpus_bytes), target)
+        _build(json.loads(config_bytes), _corpus(corpus_bytes), target, template_bytes.decode())
     return target
 
 
@@ -157,11 +162,12 @@ def build_tokenizer(texts: list[str], vocab_size: int, model_max_length: int) ->
 
     Args:
         texts: the training corpus.
-        vocab_size: the exact vocabulary size: 4 special tokens + 256 bytes + merges.
+        vocab_size: the exact vocabulary size: 7 special tokens (4 + 3 role markers) + 256 bytes + merges.
         model_max_length: the longest input the model takes (its max_position_embeddings).
 
     Returns:
-        A PreTrainedTokenizerFast with <pad>/<s>/</s>/<unk> = ids 0..3, <s> prepended by default, right padding.
+        A PreTrainedTokenizerFast with <pad>/<s>/</s>/<unk> = ids 0..3, the role markers ids 4..6, <s> prepended
+        by default, right padding; no chat template (the caller sets one).
 
     Raises:
         RuntimeError: the texts are too small to learn `vocab_size` tokens.
@@ -170,7 +176,7 @@ def build_tokenizer(texts: list[str], vocab_size: int, model_max_length: int) ->
     bpe.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
                                                  pre_tokenizers.ByteLevel(add_prefix_space=False)])
     bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), show_progress=False,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[*SPECIAL_TOKENS, *ROLE_TOKENS], show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     bpe.train_from_iterator(texts, trainer=trainer)
     if bpe.get_vocab_size() != vocab_size:
@@ -183,13 +189,14 @@ def build_tokenizer(texts: list[str], vocab_size: int, model_max_length: int) ->
         padding_side="right", model_max_length=model_max_length, clean_up_tokenization_spaces=False)
 
 
-def _build(config: dict, texts: list[str], target: Path) -> None:
+def _build(config: dict, texts: list[str], target: Path, chat_template: str) -> None:
     """Build the model folder in a temp folder next to `target` and rename it into place: a crash leaves no
     half-built `target`, and of two concurrent builders the loser discards its copy and uses the winner's."""
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.building-", dir=target.parent))
     try:
         tokenizer = build_tokenizer(texts, config["vocab_size"], config["max_position_embeddings"])
+        tokenizer.chat_template = chat_template
         for key, token in [("pad_token_id", "<pad>"), ("bos_token_id", "<s>"), ("eos_token_id", "</s>")]:
             if config.get(key) != tokenizer.convert_tokens_to_ids(token):
                 raise ValueError(f"The builtin config's {key}={config.get(key)} is not the tokenizer's {token} id.")

@@ -26,8 +26,9 @@ from pathlib import Path
 
 import torch
 
-from adapterflow import formats, get_adapter_state_dict, read_adapter, write_adapters
+from adapterflow import formats, read_adapter, write_adapters
 from adapterflow.atomic import staged_directory
+from adapterflow.runtime.distributed import Parallel
 from adapterflow.state_dict import AdapterLoadError, SaveEmbeddingLayers, load_adapter_state_dict, match_checkpoint
 
 CHECKPOINT_PREFIX = "step-"
@@ -53,29 +54,34 @@ class Checkpoints:
     keep: int = 2
 
     def save(self, step: int, model: torch.nn.Module, optimizer, scheduler, progress: dict,
-             scaler: torch.amp.GradScaler | None = None) -> Path:
-        """Write step-<N>/ atomically, then delete all but the newest `keep` checkpoints.
+             parallel: Parallel = Parallel(), scaler: torch.amp.GradScaler | None = None) -> Path:
+        """Write step-<N>/ atomically, then delete all but the newest `keep` checkpoints. Under torchrun every rank
+        calls it (the FSDP gather is a collective); rank 0 alone writes, and all ranks leave together.
 
         Args:
-            model: the AdapterModel being trained (its tensors may live on any device; they are written from CPU).
+            model: the AdapterModel being trained (not its DDP wrapper; its tensors may live on any device or be
+                FSDP shards: they are gathered in full and checked by `check_saveable`).
             progress: JSON-able record of the run so far (loss history etc.), stored with "step".
             scaler: fp16 training's grad scaler; its state (current scale, growth tracker) is saved so a resumed
                 run scales the next loss exactly as the uninterrupted run would.
         """
         target = self.folder / f"{CHECKPOINT_PREFIX}{step:06d}"
         config = model.peft_config[self.adapter_name]
-        state = get_adapter_state_dict(model, config, self.adapter_name, self.save_embedding_layers)
-        with staged_directory(target) as staging:
-            # 1. the adapter, as write_adapters lays it out (it stages its own folder inside ours)
-            write_adapters(staging, {formats.DEFAULT_ADAPTER_NAME: (state, config)})
-            # 2. what only training needs
-            scaler_state = {"scaler": scaler.state_dict()} if scaler is not None else {}
-            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), **scaler_state,
-                        **_rng_state()}, staging / STATE_FILE)
-            # 3. last: the file that marks the checkpoint complete
-            (staging / PROGRESS_FILE).write_text(json.dumps({**progress, "step": step}))
-        for old in self.complete()[:-self.keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        state = parallel.full_adapter_state(model, config, self.adapter_name, self.save_embedding_layers)
+        optimizer_state = parallel.optimizer_state(model, optimizer)
+        if parallel.is_main_process:
+            with staged_directory(target) as staging:
+                # 1. the adapter, as write_adapters lays it out (it stages its own folder inside ours)
+                write_adapters(staging, {formats.DEFAULT_ADAPTER_NAME: (state, config)})
+                # 2. what only training needs
+                scaler_state = {"scaler": scaler.state_dict()} if scaler is not None else {}
+                torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict(), **scaler_state,
+                            **_rng_state()}, staging / STATE_FILE)
+                # 3. last: the file that marks the checkpoint complete
+                (staging / PROGRESS_FILE).write_text(json.dumps({**progress, "step": step}))
+            for old in self.complete()[:-self.keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        parallel.barrier()
         return target
 
     def complete(self) -> list[Path]:
@@ -98,10 +104,15 @@ class Checkpoints:
         return complete[-1] if complete else None
 
     def restore(self, checkpoint: Path, model: torch.nn.Module, optimizer, scheduler,
-                scaler: torch.amp.GradScaler | None = None) -> dict:
-        """Load a checkpoint into the model (the adapter, through the library's key matching), the optimizer, the
-        scheduler, the grad scaler (when both it and the checkpoint have a state: a run that switches precision
-        starts with a fresh scale) and the RNG; returns its progress record.
+                parallel: Parallel = Parallel(), scaler: torch.amp.GradScaler | None = None) -> dict:
+        """`restore_adapter`, then `restore_training_state` (for a model that is not sharded); returns progress."""
+        progress = self.restore_adapter(checkpoint, model)
+        self.restore_training_state(checkpoint, model, optimizer, scheduler, parallel, scaler)
+        return progress
+
+    def restore_adapter(self, checkpoint: Path, model: torch.nn.Module) -> dict:
+        """Load a checkpoint's adapter into the model through the library's key matching (before the model is
+        wrapped for DDP or sharded by FSDP); returns its progress record.
 
         Raises:
             CheckpointError: the checkpoint's adapter does not fit the model (other r, targets, ...) or leaves a
@@ -125,13 +136,26 @@ class Checkpoints:
                 + "\n".join(f"  - {d}" for d in details)
                 + f"\nDelete {self.folder} to train this run from the start, or use a new run_name.")
         load_adapter_state_dict(pairs, state)
+        return json.loads((checkpoint / PROGRESS_FILE).read_text())
+
+    def restore_training_state(self, checkpoint: Path, model: torch.nn.Module, optimizer, scheduler,
+                               parallel: Parallel = Parallel(), scaler: torch.amp.GradScaler | None = None) -> None:
+        """Load the optimizer (through `parallel`: FSDP re-shards the full state), scheduler, grad scaler (when both
+        it and the checkpoint have a state: a run that switches precision starts with a fresh scale) and RNG state
+        of a checkpoint, on every rank.
+
+        Raises:
+            CheckpointError: the optimizer state was written under the other training.strategy.
+        """
         training_state = torch.load(checkpoint / STATE_FILE, weights_only=True)
-        optimizer.load_state_dict(training_state["optimizer"])
+        try:
+            parallel.load_optimizer_state(model, optimizer, training_state["optimizer"])
+        except ValueError as exc:
+            raise CheckpointError(f"Cannot resume from {checkpoint}: {exc}.") from None
         scheduler.load_state_dict(training_state["scheduler"])
         if scaler is not None and training_state.get("scaler"):
             scaler.load_state_dict(training_state["scaler"])
         _set_rng_state(training_state)
-        return json.loads((checkpoint / PROGRESS_FILE).read_text())
 
 
 def checkpoint_step(checkpoint: Path) -> int:

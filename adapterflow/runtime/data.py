@@ -1,118 +1,137 @@
-"""Training data: read a dataset file, split it, tokenize it, and cut it into deterministic batches.
+"""Training data: read a dataset, split it, tokenize it, and cut it into deterministic batches.
 
-Accepted files: `.jsonl` with {"text": ...} or {"prompt": ..., "completion": ...} per line, and `.txt` (one
-example per non-empty line). Prompt tokens are masked from the loss; the model learns the completion.
-`builtin:<name>` names a dataset shipped in `adapterflow/runtime/builtin/`.
+A dataset (`DataSpec.path`: a .jsonl/.json, .parquet, .csv, .arrow or .txt file, a `Dataset.save_to_disk` folder,
+a Hub dataset id or `builtin:<name>`, read by `data_sources`) holds one of three kinds of rows, told apart per row
+by which column has a value (in this order):
+- chat: `messages_field` holds [{"role": ..., "content": ...}, ...], rendered by the chat template; the loss is on
+  the assistant turns only (`chat.tokenize_chat`);
+- prompt/completion: `completion_field` (and optionally `prompt_field`); the loss is on the completion and <eos>;
+- text: `text_field` (every line of a .txt file); the loss is on all of it and <eos>.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import random
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Optional, Union
 
 import torch
 
-BUILTIN_DIR = Path(__file__).parent / "builtin"
-BUILTIN_PREFIX = "builtin:"
-IGNORE_INDEX = -100  # label value that the loss skips (transformers' convention)
+from adapterflow.runtime.chat import IGNORE_INDEX, Message, resolve_chat_template, tokenize_chat
+from adapterflow.runtime.data_sources import BUILTIN_DIR, DatasetError, Table, fingerprint, read_split
+from adapterflow.model_references import BUILTIN_PREFIX
+
+__all__ = ["BUILTIN_DIR", "BUILTIN_PREFIX", "IGNORE_INDEX", "BatchStream", "DataSpec", "DatasetError", "Example",
+           "TokenizedExample", "collate", "dataset_fingerprint", "load_examples", "resolve_chat_template",
+           "split_examples", "tokenize"]
 
 
-class DatasetError(ValueError):
-    """A dataset file that cannot be used; the message names the file, the line and the fix."""
+@dataclass(frozen=True)
+class DataSpec:
+    """What to read and how (the `dataset.*` parameters): the path, the split, the column names, the template."""
+
+    path: str
+    split: str = "train"
+    text_field: str = "text"
+    prompt_field: str = "prompt"
+    completion_field: str = "completion"
+    messages_field: str = "messages"
+    chat_template: Optional[str] = None  # template text, or a file holding it (resolve_chat_template)
+
+    def fields(self) -> dict[str, str]:
+        """Parameter name -> column name, in the order rows are told apart."""
+        return {"dataset.messages_field": self.messages_field, "dataset.completion_field": self.completion_field,
+                "dataset.text_field": self.text_field}
 
 
 @dataclass(frozen=True)
 class Example:
-    prompt: str
-    completion: str
+    """One row: `messages` for chat; else prompt (may be empty) and completion (the text of a text row)."""
+
+    prompt: str = ""
+    completion: str = ""
+    messages: Optional[tuple[Message, ...]] = None
 
 
 @dataclass(frozen=True)
 class TokenizedExample:
     input_ids: list[int]
-    labels: list[int]  # IGNORE_INDEX where no loss is taken (prompt)
+    labels: list[int]  # IGNORE_INDEX where no loss is taken (prompt, non-assistant turns)
 
 
-def resolve_dataset(path: str) -> Path:
-    """The file a dataset parameter names (`builtin:<name>` or a path)."""
-    if path.startswith(BUILTIN_PREFIX):
-        name = path[len(BUILTIN_PREFIX):]
-        builtin = BUILTIN_DIR / f"{name}.jsonl"
-        if not builtin.is_file():
-            available = sorted(p.stem for p in BUILTIN_DIR.glob("*.jsonl"))
-            raise DatasetError(f"Unknown builtin dataset {name!r}; available: {available}.")
-        return builtin
-    return Path(path)
+def load_examples(spec: Union[DataSpec, str]) -> list[Example]:
+    """Every example of the dataset's split.
 
-
-def load_examples(path: str | Path) -> list[Example]:
-    """Read every example of a dataset file.
+    Args:
+        spec: a DataSpec, or just a path (default split and column names).
 
     Raises:
-        FileNotFoundError: the file does not exist.
-        DatasetError: an unsupported extension, malformed lines (all listed), or no example at all.
+        FileNotFoundError: the file does not exist, or a Hub dataset cannot be downloaded.
+        DatasetError: unreadable data, an unknown split, a missing column (the parameter and the columns found
+            named), a wrong-typed value (line or row named), or no example at all.
     """
-    file = resolve_dataset(str(path))
-    if file.is_dir():
-        raise DatasetError(f"Dataset {file} is a folder; pass a .jsonl or .txt file.")
-    if not file.is_file():
-        raise FileNotFoundError(f"Dataset {file} not found; pass a .jsonl or .txt file (or builtin:instructions).")
-    if file.suffix == ".txt":
-        examples = [Example("", line.strip()) for _, line in _lines(file) if line.strip()]
-    elif file.suffix == ".jsonl":
-        examples = _read_jsonl(file)
-    else:
-        raise DatasetError(f"Dataset {file} has extension {file.suffix!r}; use .jsonl (text or prompt/completion) or .txt.")
+    spec = spec if isinstance(spec, DataSpec) else DataSpec(str(spec))
+    table = read_split(spec.path, spec.split)
+    columns = table.rows.column_names
+    present = {parameter: column for parameter, column in spec.fields().items() if column in columns}
+    if not present:
+        wanted = ", ".join(f"{p}={c!r}" for p, c in spec.fields().items())
+        raise DatasetError(f"Dataset {table.name} has columns {columns}, none of {wanted}; set the parameter that "
+                           f"names your column, e.g. --set dataset.text_field={columns[0] if columns else 'text'}.")
+    prompt_column = spec.prompt_field if spec.prompt_field in columns else None
+    needed = list(dict.fromkeys([*present.values(), *([prompt_column] if prompt_column else [])]))
+    data = table.rows.select_columns(needed).to_dict()  # column -> list: no per-row formatting, no cache files
+    examples = []
+    for index in range(len(table.rows)):
+        example = _example({column: data[column][index] for column in needed}, present, prompt_column, table, index)
+        if example is not None:
+            examples.append(example)
     if not examples:
-        raise DatasetError(f"Dataset {file} holds no examples; add lines with text, or prompt/completion records.")
+        raise DatasetError(f"Dataset {table.name} holds no examples; add lines with text, or prompt/completion "
+                           f"records.")
     return examples
 
 
-def _lines(file: Path) -> list[tuple[int, str]]:
-    """(line number, text) for every line of a UTF-8 file, whatever the locale's encoding.
-
-    Raises:
-        DatasetError: the file is not UTF-8 (the line and column of the first bad byte named).
-    """
-    lines = []
-    for number, raw in enumerate(file.read_bytes().splitlines(), start=1):
-        try:
-            lines.append((number, raw.decode("utf-8-sig")))  # -sig: a leading BOM is not text
-        except UnicodeDecodeError as exc:
-            raise DatasetError(f"Dataset {file}, line {number}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at "
-                               f"column {exc.start + 1}); save the file as UTF-8.") from None
-    return lines
-
-
-def _read_jsonl(file: Path) -> list[Example]:
-    examples, problems = [], []
-    for number, line in _lines(file):
-        if not line.strip():
+def _example(row: dict, present: dict[str, str], prompt_column: Optional[str], table: Table,
+             index: int) -> Optional[Example]:
+    """The example of one row (None for a blank text line), from the first of `present`'s columns with a value."""
+    for parameter, column in present.items():
+        value = row[column]
+        if value is None:
             continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            problems.append(f"line {number}: not JSON ({exc.msg})")
+        if parameter == "dataset.messages_field":
+            return Example(messages=_messages(value, parameter, column, table, index))
+        if not isinstance(value, str):
+            raise DatasetError(f"Dataset {table.name}, {table.where(index)}: column {column!r} ({parameter}) holds "
+                               f"{type(value).__name__}, expected a string.")
+        if table.lines_of_text:
+            return Example("", value) if value.strip() else None
+        if not value:
             continue
-        if isinstance(record, dict) and isinstance(record.get("text"), str) and record["text"]:
-            examples.append(Example("", record["text"]))
-        elif isinstance(record, dict) and isinstance(record.get("completion"), str) and record["completion"]:
-            examples.append(Example(str(record.get("prompt", "")), record["completion"]))
-        else:
-            problems.append(f'line {number}: needs a non-empty "text", or "prompt" and "completion" strings')
-    if problems:
-        shown = "\n".join(f"  - {p}" for p in problems[:10])
-        more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
-        lines = "lines" if len(problems) > 1 else "line"
-        raise DatasetError(f"Dataset {file} has {len(problems)} malformed {lines}:\n{shown}{more}")
-    return examples
+        if parameter == "dataset.text_field":
+            return Example("", value)
+        prompt = row[prompt_column] if prompt_column else ""
+        if not isinstance(prompt, (str, type(None))):
+            raise DatasetError(f"Dataset {table.name}, {table.where(index)}: column {prompt_column!r} "
+                               f"(dataset.prompt_field) holds {type(prompt).__name__}, expected a string.")
+        return Example(prompt or "", value)
+    needs = " or ".join(f'"{column}"' for column in present.values())
+    raise DatasetError(f"Dataset {table.name}, {table.where(index)}: needs a non-empty {needs} "
+                       f"(the columns dataset.messages_field, dataset.completion_field, dataset.text_field name).")
 
 
-def dataset_sha256(path: str | Path) -> str:
-    return hashlib.sha256(resolve_dataset(str(path)).read_bytes()).hexdigest()
+def _messages(value, parameter: str, column: str, table: Table, index: int) -> tuple[Message, ...]:
+    ok = isinstance(value, list) and value and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value)
+    if not ok:
+        raise DatasetError(f"Dataset {table.name}, {table.where(index)}: column {column!r} ({parameter}) must be a "
+                           f'non-empty list of {{"role": str, "content": str}} messages.')
+    return tuple((m["role"], m["content"]) for m in value)
+
+
+def dataset_fingerprint(spec: Union[DataSpec, str]) -> str:
+    """sha256 (hex) of the dataset's files (a Hub dataset: of its commit); see `data_sources.fingerprint`."""
+    return fingerprint(spec.path if isinstance(spec, DataSpec) else str(spec))
 
 
 def split_examples(examples: list[Example], eval_fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
@@ -123,15 +142,28 @@ def split_examples(examples: list[Example], eval_fraction: float, seed: int) -> 
     return shuffled[n_eval:], shuffled[:n_eval]
 
 
-def tokenize(examples: list[Example], tokenizer, max_seq_len: int) -> list[TokenizedExample]:
-    """<bos> prompt completion <eos>, truncated to max_seq_len; the loss covers completion and <eos>."""
+def tokenize(examples: list[Example], tokenizer, max_seq_len: int,
+             chat_template: Optional[str] = None) -> list[TokenizedExample]:
+    """Token ids and labels of each example, truncated to max_seq_len (labels cut at the same place).
+
+    Chat: rendered by `chat_template` (template text; None: the tokenizer's), loss on assistant turns only.
+    Otherwise: <bos> prompt completion <eos>; the loss covers completion and <eos>. Examples left with no
+    labelled token after truncation are dropped.
+
+    Raises:
+        DatasetError: chat examples without any chat template (names dataset.chat_template), or a template that
+            fails or is not prefix-stable.
+    """
     tokenized = []
     for example in examples:
-        prompt = tokenizer.encode(example.prompt, add_special_tokens=False) if example.prompt else []
-        completion = tokenizer.encode(example.completion, add_special_tokens=False) + [tokenizer.eos_token_id]
-        head = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-        input_ids = (head + prompt + completion)[:max_seq_len]
-        labels = ([IGNORE_INDEX] * len(head + prompt) + completion)[:max_seq_len]
+        if example.messages is not None:
+            input_ids, labels = tokenize_chat(example.messages, tokenizer, chat_template)
+        else:
+            prompt = tokenizer.encode(example.prompt, add_special_tokens=False) if example.prompt else []
+            completion = tokenizer.encode(example.completion, add_special_tokens=False) + [tokenizer.eos_token_id]
+            head = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+            input_ids, labels = head + prompt + completion, [IGNORE_INDEX] * len(head + prompt) + completion
+        input_ids, labels = input_ids[:max_seq_len], labels[:max_seq_len]
         if any(label != IGNORE_INDEX for label in labels):
             tokenized.append(TokenizedExample(input_ids, labels))
     return tokenized
@@ -151,22 +183,44 @@ def collate(examples: list[TokenizedExample], pad_id: int) -> dict[str, torch.Te
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
+def shard(examples: list[TokenizedExample], rank: int, world_size: int) -> list[TokenizedExample]:
+    """This rank's contiguous slice of a global batch (sizes differ by at most one). An empty slice becomes the
+    batch's first example with every label ignored: the rank still runs forward and backward with the others
+    (DDP and FSDP communicate there), contributing nothing to the loss."""
+    n = len(examples)
+    mine = examples[rank * n // world_size:(rank + 1) * n // world_size]
+    return mine or [TokenizedExample(examples[0].input_ids, [IGNORE_INDEX] * len(examples[0].labels))]
+
+
+def label_tokens(examples: list[TokenizedExample]) -> int:
+    """Tokens the causal-LM loss is taken on (labels shifted by one, as the model does)."""
+    return sum(label != IGNORE_INDEX for example in examples for label in example.labels[1:])
+
+
 class BatchStream:
     """Micro-batch number m -> batch, the same on every run with the same seed: epoch e visits the examples in a
-    permutation seeded by (seed, e). Resuming at step k just asks for batch k * accumulation onwards."""
+    permutation seeded by (seed, e). Resuming at step k just asks for batch k * accumulation onwards. Under
+    torchrun, `batch_size` is the global batch: rank r of `world_size` gets its `shard` of every micro-batch."""
 
-    def __init__(self, examples: list[TokenizedExample], batch_size: int, seed: int, pad_id: int) -> None:
+    def __init__(self, examples: list[TokenizedExample], batch_size: int, seed: int, pad_id: int, rank: int = 0,
+                 world_size: int = 1) -> None:
         if not examples:
             raise DatasetError("No training example is left after tokenization; check max_seq_len and the data.")
         self.examples, self.batch_size, self.seed, self.pad_id = examples, batch_size, seed, pad_id
+        self.rank, self.world_size = rank, world_size
         self.batches_per_epoch = -(-len(examples) // batch_size)
         self._order: tuple[int, list[int]] | None = None
 
-    def __getitem__(self, m: int) -> dict[str, torch.Tensor]:
+    def global_batch(self, m: int) -> list[TokenizedExample]:
+        """The examples of micro-batch m, over all ranks."""
         epoch, index = divmod(m, self.batches_per_epoch)
         if self._order is None or self._order[0] != epoch:
             order = list(range(len(self.examples)))
             random.Random(f"{self.seed}-{epoch}").shuffle(order)
             self._order = (epoch, order)
         chosen = self._order[1][index * self.batch_size:(index + 1) * self.batch_size]
-        return collate([self.examples[i] for i in chosen], self.pad_id)
+        return [self.examples[i] for i in chosen]
+
+    def __getitem__(self, m: int) -> dict[str, torch.Tensor]:
+        """This rank's part of micro-batch m, collated."""
+        return collate(shard(self.global_batch(m), self.rank, self.world_size), self.pad_id)

@@ -1,9 +1,12 @@
 """A plain PyTorch training loop for adapters, with checkpoints that a killed run resumes from.
 
 AdamW with linear warmup and cosine decay, gradient accumulation and clipping, optional mixed precision
-(`TrainingSettings.precision`) and gradient checkpointing. A checkpoint (`adapterflow.runtime.checkpoints`) is a
-PEFT adapter folder plus the optimizer, scheduler and grad-scaler state, the RNG state and the loss history, so a
-resumed run continues exactly where the checkpoint was taken: the final adapter equals an uninterrupted run's.
+(`TrainingSettings.precision`) and gradient checkpointing. Under torchrun every rank runs this loop on its slice of
+the same global batches (`adapterflow.runtime.distributed`: DDP or FSDP2); the loss of a step is normalised by the
+label tokens of the whole step, so N processes train the one-process adapter. A checkpoint
+(`adapterflow.runtime.checkpoints`) is a PEFT adapter folder plus the optimizer, scheduler and grad-scaler state,
+the RNG state and the loss history, so a resumed run continues exactly where the checkpoint was taken: the final
+adapter equals an uninterrupted run's.
 
 Precision (the autocast dtype of the training forward; the weights keep their dtypes):
     fp32  no autocast: every op runs in the dtype of its weights (base_model.dtype for the base, fp32 adapters).
@@ -28,7 +31,8 @@ from typing import Callable
 import torch
 
 from adapterflow.runtime.checkpoints import Checkpoints
-from adapterflow.runtime.data import BatchStream, TokenizedExample, collate
+from adapterflow.runtime.data import BatchStream, TokenizedExample, collate, label_tokens, shard
+from adapterflow.runtime.distributed import Parallel
 
 
 @dataclass
@@ -123,41 +127,46 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
 
 
 def train(model: torch.nn.Module, examples: list[TokenizedExample], settings: TrainingSettings, pad_id: int,
-          checkpoints: Checkpoints, on_step: StepCallback | None = None) -> TrainingResult:
+          checkpoints: Checkpoints, on_step: StepCallback | None = None,
+          parallel: Parallel = Parallel()) -> TrainingResult:
     """Train the model's trainable parameters; resume from the newest of `checkpoints` if there is one.
 
     Args:
-        model: an AdapterModel whose active adapter is `checkpoints.adapter_name`.
+        model: an AdapterModel whose active adapter is `checkpoints.adapter_name` (on `settings.device`; under
+            torchrun the same model on every rank; FSDP shards it in place).
         checkpoints: where checkpoints go every `settings.checkpoint_every` steps and after the last step
-            (the newest `checkpoints.keep` stay).
+            (the newest `checkpoints.keep` stay; rank 0 writes them).
+        parallel: this process's rank among the torchrun ranks (default: the only process).
 
     Returns:
-        The loss history and throughput of the whole run (including steps done before a resume).
+        The loss history and throughput of the whole run (including steps done before a resume), the same on
+        every rank.
 
     Raises:
         adapterflow.runtime.checkpoints.CheckpointError: the newest checkpoint does not fit this model, or is
             of the old model-key layout.
     """
     device = torch.device(settings.device)
-    model.to(device).train()
-    params = [p for p in model.parameters() if p.requires_grad]
+    result = TrainingResult(steps=settings.steps)
+    checkpoint = checkpoints.latest()
+    start = 0 if checkpoint is None else _restore(checkpoints, checkpoint, model.to(device), result)
+    module = parallel.wrap(model.to(device))
+    module.train()
+    params = [p for p in model.parameters() if p.requires_grad]  # after wrap: fully_shard replaces them
     optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, settings.warmup_steps, settings.steps))
     scaler = grad_scaler(device, settings.precision)
-    stream = BatchStream(examples, settings.batch_size, settings.seed, pad_id)
-    result = TrainingResult(steps=settings.steps)
-    checkpoint = checkpoints.latest()
+    stream = BatchStream(examples, settings.batch_size, settings.seed, pad_id, parallel.rank, parallel.world_size)
     if checkpoint is None:
         torch.manual_seed(settings.seed)
-        start = 0
     else:
-        start = _restore(checkpoints, checkpoint, model, optimizer, scheduler, result, scaler)
+        checkpoints.restore_training_state(checkpoint, model, optimizer, scheduler, parallel, scaler)
     disable_checkpointing = enable_gradient_checkpointing(model) if settings.gradient_checkpointing else None
-    progress = _progress_bar(settings.steps, start)
+    progress = _progress_bar(settings.steps, start) if parallel.is_main_process else None
     started = time.perf_counter() - result.seconds
     for step in range(start, settings.steps):
-        loss, tokens = _optimizer_step(model, params, optimizer, scaler, stream, step, settings, device)
+        loss, tokens = _optimizer_step(module, params, optimizer, scaler, stream, step, settings, device, parallel)
         scheduler.step()
         result.losses.append(loss)
         result.tokens += tokens
@@ -168,7 +177,7 @@ def train(model: torch.nn.Module, examples: list[TokenizedExample], settings: Tr
             progress.set_postfix(loss=f"{loss:.4f}")
             progress.update()
         if (step + 1) % settings.checkpoint_every == 0 or step + 1 == settings.steps:
-            checkpoints.save(step + 1, model, optimizer, scheduler, asdict(result), scaler)
+            checkpoints.save(step + 1, model, optimizer, scheduler, asdict(result), parallel, scaler)
     if progress is not None:
         progress.close()
     if disable_checkpointing is not None:
@@ -177,42 +186,53 @@ def train(model: torch.nn.Module, examples: list[TokenizedExample], settings: Tr
     return result
 
 
-def _optimizer_step(model, params, optimizer, scaler, stream, step, settings, device) -> tuple[float, int]:
+def _optimizer_step(module, params, optimizer, scaler, stream, step, settings, device, parallel) -> tuple[float, int]:
+    """One optimizer step over `gradient_accumulation_steps` micro-batches (this rank's slice of each).
+
+    The loss is the sum of token losses over the whole step (all micro-batches, all ranks) divided by the number
+    of label tokens in it, passed to the model as transformers' `num_items_in_batch` (its fix of the gradient
+    accumulation loss in 4.46: a mean per micro-batch, divided by the accumulation steps, over-weights the tokens
+    of short micro-batches). DDP and FSDP average gradients over ranks, hence the factor world_size: every rank
+    count gives the one-process gradient. Returns the step's loss and its non-padding tokens (all ranks).
+    """
     accumulation = settings.gradient_accumulation_steps
-    total_loss, tokens = 0.0, 0
-    for micro in range(accumulation):
-        batch = {k: v.to(device) for k, v in stream[step * accumulation + micro].items()}
-        with autocast(device, settings.precision):
-            loss = model(**batch).loss / accumulation
-        scaler.scale(loss).backward()  # the backward runs outside autocast, in the forward's dtypes (torch.amp)
+    micro_batches = [step * accumulation + micro for micro in range(accumulation)]
+    examples = [example for m in micro_batches for example in stream.global_batch(m)]
+    n_labels = max(1, label_tokens(examples))
+    total_loss = 0.0
+    for micro, m in enumerate(micro_batches):
+        batch = {k: v.to(device) for k, v in stream[m].items()}
+        with parallel.accumulating(module, last=micro == accumulation - 1):
+            with autocast(device, settings.precision):
+                loss = module(**batch, num_items_in_batch=n_labels).loss
+            # the backward runs outside autocast, in the forward's dtypes (torch.amp); fp16 scales the loss
+            scaler.scale(loss * parallel.world_size).backward()
         total_loss += loss.item()
-        tokens += int(batch["attention_mask"].sum())
     scaler.unscale_(optimizer)  # clip the true gradients; a no-op unless fp16
     torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
     scaler.step(optimizer)  # fp16: skipped when a gradient is inf/NaN, and the scale shrinks
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return total_loss, tokens
+    return parallel.sum([total_loss])[0], sum(len(example.input_ids) for example in examples)
 
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, examples: list[TokenizedExample], batch_size: int, pad_id: int,
-             device: str = "cpu") -> float:
-    """Mean loss per completion token over the examples."""
+             device: str = "cpu", parallel: Parallel = Parallel()) -> float:
+    """Mean loss per completion token over the examples (the sum of token losses over the label tokens; under
+    torchrun each rank takes its `shard` of every batch and the sums are added over ranks)."""
     model.eval()
     total, count = 0.0, 0
     for start in range(0, len(examples), batch_size):
-        batch = {k: v.to(device) for k, v in collate(examples[start:start + batch_size], pad_id).items()}
-        n_tokens = int((batch["labels"][:, 1:] != -100).sum())  # the model shifts labels by one
-        if n_tokens:
-            total += model(**batch).loss.item() * n_tokens
-            count += n_tokens
-    return total / count if count else float("nan")
+        chunk = examples[start:start + batch_size]
+        batch = {k: v.to(device) for k, v in collate(shard(chunk, parallel.rank, parallel.world_size), pad_id).items()}
+        total += model(**batch, num_items_in_batch=1).loss.item()  # reduction "sum"
+        count += label_tokens(chunk)
+    return parallel.sum([total])[0] / count if count else float("nan")
 
 
-def _restore(checkpoints: Checkpoints, checkpoint: Path, model, optimizer, scheduler, result: TrainingResult,
-             scaler: torch.amp.GradScaler) -> int:
-    progress = checkpoints.restore(checkpoint, model, optimizer, scheduler, scaler)
+def _restore(checkpoints: Checkpoints, checkpoint: Path, model, result: TrainingResult) -> int:
+    progress = checkpoints.restore_adapter(checkpoint, model)
     result.losses, result.tokens, result.seconds = progress["losses"], progress["tokens"], progress["seconds"]
     result.resumed_from = progress["step"]
     return progress["step"]

@@ -42,3 +42,15 @@ def test_init_names_map_both_ways():
         init_methods.parse_init_method(init_methods.init_lora_weights_for(name))  # a value the library takes
     with pytest.raises(ValueError, match="adapter.init='olora'"):
         init_methods.init_lora_weights_for("olora")
+
+
+def test_a_dataset_path_is_a_hub_id_only_without_a_file_suffix(tmp_path):
+    from adapterflow.model_references import is_hub_dataset_id
+
+    assert is_hub_dataset_id("my-org/support-chats", tmp_path)
+    assert is_hub_dataset_id("HuggingFaceH4/ultrachat_200k", tmp_path)
+    for value in ("data/train.jsonl", "data/train.parquet", "a/b.CSV", "x/y.arrow", "notes/lines.txt", "d/rows.json"):
+        assert not is_hub_dataset_id(value, tmp_path), value  # a missing file, not a repo
+    (tmp_path / "my-org" / "support-chats").mkdir(parents=True)
+    assert not is_hub_dataset_id("my-org/support-chats", tmp_path)  # an existing folder wins
+    assert not is_hub_dataset_id("builtin:chat", tmp_path) and not is_hub_dataset_id("./a/b", tmp_path)

@@ -178,3 +178,25 @@ def test_plain_save_leaves_rng_untouched(model, tmp_path):
     before = torch.get_rng_state()
     model.save_pretrained(tmp_path)
     assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_rank_slices_and_empty_tensors_never_reach_a_file(model, tmp_path):
+    """The save guard (check_saveable): a rank's slice or an empty shard, as an FSDP rank holds them, is refused
+    before anything is written (the FSDP2 DTensor case runs under torchrun in tests/runtime/test_distributed.py)."""
+    from adapterflow import get_adapter_state_dict, write_adapters
+    from adapterflow.state_dict import AdapterSaveError, check_saveable
+
+    config = model.peft_config["default"]
+    state = get_adapter_state_dict(model, config)
+    a_key = next(k for k in state if k.endswith("q_proj.lora_A.weight"))
+    b_key = next(k for k in state if k.endswith("q_proj.lora_B.weight"))
+    for broken, fragment in (({a_key: state[a_key][:2]}, f"{a_key}: shape (2, 32), but r=4 must be its dimension 0"),
+                             ({a_key: torch.empty(0)}, f"{a_key}: an empty tensor (0,)")):
+        with pytest.raises(AdapterSaveError, match=r"Refusing to save the adapter") as error:
+            write_adapters(tmp_path / "out", {"default": ({**state, **broken}, config)})
+        assert fragment in str(error.value)
+    assert not (tmp_path / "out").exists()
+    half_b = {**state, b_key: state[b_key][:16]}  # (out/2, r): only the model knows out_features
+    check_saveable(half_b, config)
+    with pytest.raises(AdapterSaveError, match=r"q_proj.lora_B.weight: checkpoint \(16, 4\) vs model \(32, 4\)"):
+        check_saveable(half_b, config, model)

@@ -94,8 +94,12 @@ def test_create_repo_private_and_exist_ok(api, hub):
     assert api.repo_info("tester/fresh").private is True
     assert [c["title"] for c in hub.commits("tester/fresh")] == ["initial commit"]
     assert api.list_repo_files("tester/fresh") == [".gitattributes"]
+    # Dataset repos live apart from model repos of the same name; spaces are not served.
+    assert api.create_repo("tester/fresh", repo_type="dataset").startswith(f"{hub.url}/datasets/tester/fresh")
+    assert api.repo_info("tester/fresh", repo_type="dataset").private is False
+    assert [c["title"] for c in hub.commits("datasets/tester/fresh")] == ["initial commit"]
     with pytest.raises(HfHubHTTPError) as err:
-        api.create_repo("tester/data", repo_type="dataset")
+        api.create_repo("tester/space", repo_type="space", space_sdk="static")
     assert err.value.response.status_code == 400
 
 

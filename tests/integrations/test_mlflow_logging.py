@@ -79,7 +79,7 @@ def _inputs(base_model_dir: Path, adapter_dir: Path, tmp_path: Path, **parameter
                   "adapter": {"name": "default", "init": "lora", "r": 4, "target_modules": ["q_proj", "v_proj"]},
                   "training": {"steps": STEPS, "learning_rate": 3e-3}, **parameter_overrides}
     plan = {"run_dir": str(run_dir), "adapter_name": "default", "base_model_path": str(base_model_dir),
-            "dtype": "float32", "dataset_path": "/data/instructions.jsonl", "dataset_sha256": "ab" * 32,
+            "dtype": "float32", "dataset_path": "/data/instructions.jsonl", "dataset_fingerprint": "ab" * 32,
             "eval_fraction": 0.1, "max_seq_len": 64, "lora_config": lora_config,
             "training": {"steps": STEPS, "learning_rate": 3e-3, "batch_size": 16, "gradient_accumulation_steps": 1,
                          "max_grad_norm": 1.0, "weight_decay": 0.0, "warmup_steps": 4, "seed": 0,
@@ -122,7 +122,7 @@ def test_logs_everything_readable_over_http(tracking, mlflow_server, base_model_
     assert params["lora.r"] == "4" and params["lora.target_modules"] in ("q_proj,v_proj", "v_proj,q_proj")
     assert params["training.learning_rate"] == "0.003" and params["training.steps"] == str(STEPS)
     assert params["base_model"] == str(base_model_dir) and params["base_model.name_or_path"] == "builtin:tiny-llama"
-    assert params["dataset.path"] == "/data/instructions.jsonl" and params["dataset.sha256"] == "ab" * 32
+    assert params["dataset.path"] == "/data/instructions.jsonl" and params["dataset.fingerprint"] == "ab" * 32
     tags = run.data.tags
     assert tags["prefect.flow_run_id"] == inputs["flow_run_id"] and tags["prefect.flow_run_url"] == inputs["flow_run_url"]
     assert (tags["base_model"], tags["adapter.init"], tags["adapter.converted"]) == ("builtin:tiny-llama", "lora", "false")

@@ -42,6 +42,16 @@ def test_relative_paths_resolve_against_the_config_folder_and_the_current_direct
     assert given.save.output_dir == str(tmp_path / "elsewhere" / "mine")
     assert given.base_model.name_or_path == "Qwen/Qwen2.5-0.5B" and given.dataset.path == "builtin:instructions"
     assert parse_parameters(None, []).runs_root == "runs"  # the default: ./runs wherever the flow runs
+    # dataset.path: a Hub dataset id stays an id; dataset.chat_template: a file name resolves, a template stays.
+    config.write_text("dataset:\n  path: my-org/support-chats\n  chat_template: ../templates/chatml.jinja\n")
+    params = parse_parameters(str(config), [])
+    assert params.dataset.path == "my-org/support-chats"
+    assert params.dataset.chat_template == str(tmp_path / "project" / "templates" / "chatml.jinja")
+    template = "{% for m in messages %}{{ m.content }}{% endfor %}"
+    config.write_text(f"dataset:\n  path: data/train.jsonl\n  chat_template: '{template}'\n")
+    params = parse_parameters(str(config), [])
+    assert params.dataset.path == str(tmp_path / "project" / "configs" / "data" / "train.jsonl")  # a file suffix
+    assert params.dataset.chat_template == template
 
 
 @pytest.mark.slow

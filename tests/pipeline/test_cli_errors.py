@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from adapterflow.flows.cli import main
+from adapterflow.runtime.base_models import resolve_base_model
 from test_names import BAD_NAME_CASES
 
 ok_data = "\n".join(json.dumps({"prompt": f"Q{i}: ", "completion": f"answer number {i}"}) for i in range(30))
@@ -22,7 +23,11 @@ FILES = {
     "broken.jsonl": '{"text": "ok"}\n{"text": \n',
     "nofields.jsonl": '{"text": "ok"}\n{"other": 1}\n',
     "empty.jsonl": "",
-    "data.csv": "text\nhello\n",
+    "data.xml": "<rows/>\n",
+    "cols.csv": "body\nhello\n",
+    "typed.jsonl": '{"text": "ok"}\n{"text": 5}\n',
+    "unstable.yaml": 'dataset:\n  path: builtin:chat\n  chat_template: "{{ messages | length }}{% for m in messages %}'
+                     '{{ m.content }}{% endfor %}"\n',
     "config-missing-model/weights.bin": "x",
     "a-file": "not a folder",
     "bad.yaml": "adapter:\n  r: [4\n",
@@ -57,7 +62,18 @@ CASES = [
     (["--set", "dataset.path=broken.jsonl"], ["broken.jsonl", "line 2: not JSON"]),
     (["--set", "dataset.path=nofields.jsonl"], ["nofields.jsonl", "line 2", '"text"']),
     (["--set", "dataset.path=empty.jsonl"], ["empty.jsonl", "no examples"]),
-    (["--set", "dataset.path=data.csv"], ["data.csv", "extension '.csv'"]),
+    (["--set", "dataset.path=data.xml"], ["data.xml", "extension '.xml'", ".parquet"]),
+    (["--set", "dataset.path=cols.csv"], ["dataset.path", "cols.csv has columns ['body']", "dataset.text_field='text'",
+                                          "--set dataset.text_field=body"]),
+    (["--set", "dataset.path=cols.csv", "--set", "dataset.text_field=content"], ["dataset.text_field='content'"]),
+    (["--set", "dataset.path=typed.jsonl"], ["typed.jsonl, line 2", "(dataset.text_field) holds int"]),
+    (["--set", "dataset.path=data.jsonl", "--set", "dataset.split=test"],
+     ["dataset.split='test'", "data.jsonl has no split 'test'", "available: ['train']"]),
+    (["--set", "dataset.path=builtin:chat", "--set", "base_model.name_or_path=no-template"],
+     ["dataset.chat_template", "no chat template", "a file holding it"]),
+    (["--set", "dataset.path=builtin:chat", "--set", "dataset.chat_template=missing.jinja"],
+     ["dataset.chat_template", "missing.jinja", "neither a Jinja template"]),
+    (["--config", "unstable.yaml"], ["dataset.chat_template", "not prefix-stable"]),
     (["--set", "dataset.path=builtin:nope"], ["dataset.path", "Unknown builtin dataset 'nope'"]),
     (["--set", "base_model.name_or_path=./no-such-model"], ["base_model.name_or_path", "no-such-model", "does not exist"]),
     (["--set", "base_model.name_or_path=config-missing-model"], ["config-missing-model", "no config.json"]),
@@ -83,6 +99,14 @@ CASES = [
     (["--set", "base_model.name_or_path=not//valid"], ["base_model.name_or_path", "neither an existing folder"]),
     (["--set", "run_name=../escape"], ["run_name", "names the run directory"]),
     (["--set", "adapter.target_modules=5"], ["adapter.target_modules (--set adapter.target_modules=5)"]),
+    (["--set", "training.num_processes=3"], ["training.batch_size=16 is the global batch", "divisible by",
+                                             "training.num_processes x training.nnodes = 3", "multiple of 3"]),
+    (["--set", "training.num_processes=0"], ["training.num_processes", "greater than or equal to 1"]),
+    (["--set", "training.strategy=deepspeed"], ["training.strategy", "'ddp' or 'fsdp'"]),
+    (["--set", "training.nnodes=2"], ["training.nnodes=2 needs training.rdzv_endpoint", "host:port"]),
+    (["--set", "training.nnodes=2", "--set", "training.rdzv_endpoint=node1"],
+     ["training.rdzv_endpoint='node1' is not host:port", "node1.example.org:29500"]),
+    (["--set", "training.rdzv_endpoint=node1:99999"], ["training.rdzv_endpoint='node1:99999' is not host:port"]),
 ]
 
 
@@ -95,6 +119,8 @@ def user_folder(tmp_path, monkeypatch, base_dir):
         path.write_bytes(content if isinstance(content, bytes) else content.encode())
     (tmp_path / "sub").mkdir()
     shutil.copytree(base_dir, tmp_path / "no-tokenizer")  # a model folder without tokenizer files
+    shutil.copytree(resolve_base_model("builtin:tiny-llama"), tmp_path / "no-template",  # a tokenizer without one
+                    ignore=shutil.ignore_patterns("chat_template.jinja"))
     monkeypatch.chdir(tmp_path)
     return tmp_path
 

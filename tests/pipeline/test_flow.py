@@ -159,6 +159,8 @@ def test_epochs_set_the_number_of_steps(tmp_path):
 
     params = parameters(tmp_path, training={"steps": None, "epochs": 1.5, "batch_size": 10,
                                             "gradient_accumulation_steps": 2})
-    checked = CheckedRun(base_path=tmp_path, dataset="builtin:instructions", config=None, n_train=95,
+    from adapterflow.runtime.data import DataSpec
+
+    checked = CheckedRun(base_path=tmp_path, dataset=DataSpec("builtin:instructions"), config=None, n_train=95,
                          output_dir=None, device="cpu")
     assert training_settings(params, checked)["steps"] == 8  # ceil(1.5 * ceil(95 / 10 / 2))

@@ -38,9 +38,11 @@ def test_the_default_is_fp32_without_checkpointing():
     ({"base_model": {"dtype": "bfloat16"}}, "use training.precision=bf16 with a bfloat16 base"),
     ({"base_model": {"dtype": "float16"}, "adapter": {"modules_to_save": ["lm_head"]}}, "GradScaler cannot unscale"),
     ({"base_model": {"dtype": "float16"}, "adapter": {"bias": "all"}}, "GradScaler cannot unscale"),
+    ({"training": {"strategy": "fsdp", "num_processes": 2}}, "use training.precision=bf16, or training.strategy=ddp"),
 ])
 def test_fp16_with_half_precision_base_tensors_that_cannot_work_is_refused(settings, fragment):
-    params = SaveAdapterParameters.model_validate({**settings, "training": {"precision": "fp16"}})
+    settings = {**settings, "training": {**settings.get("training", {}), "precision": "fp16"}}
+    params = SaveAdapterParameters.model_validate(settings)
     problems = _precision_problems(params, "cuda")  # the checks after the CUDA one, as on a GPU machine
     assert len(problems) == 1 and problems[0].startswith("training.precision=fp16") and fragment in problems[0]
 

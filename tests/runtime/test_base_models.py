@@ -78,7 +78,8 @@ def test_losing_the_rename_race_keeps_the_winners_folder(builtin_dir, tmp_path):
     assert winner == target
     before = files(target)
     config = json.loads((base_models.BUILTIN_DIR / "tiny-llama.json").read_text())
-    base_models._build(config, base_models._corpus(DATASET.read_bytes()), target)  # a concurrent builder, finishing 2nd
+    template = (base_models.BUILTIN_DIR / "tiny-llama.chat_template.jinja").read_text()
+    base_models._build(config, base_models._corpus(DATASET.read_bytes()), target, template)  # a concurrent builder, finishing 2nd
     assert files(target) == before and os.listdir(tmp_path) == [target.name]
 
 

@@ -120,8 +120,12 @@ class HubHandler(BaseHTTPRequestHandler):
             match = re.fullmatch(pattern, path)
             if match and method in methods.split():
                 params = {k: unquote(v) for k, v in match.groupdict().items() if v is not None}
-                if params.pop("type", "models") != "models":
-                    raise HubError(400, "This test Hub only hosts model repos")
+                repo_type = params.pop("type", "models")
+                if repo_type not in ("models", "datasets"):
+                    raise HubError(400, "This test Hub only hosts model and dataset repos")
+                if "repo" in params:  # the store's key: "ns/name" for a model, "datasets/ns/name" for a dataset
+                    params["key"] = params["repo"] if repo_type == "models" else f"datasets/{params['repo']}"
+                    params["url_prefix"] = "" if repo_type == "models" else "datasets/"
                 return getattr(self, f"route_{name}"), params, needs_auth
         raise HubError(404, f"No route for {method} {path}")
 
@@ -214,20 +218,22 @@ class HubHandler(BaseHTTPRequestHandler):
 
     def route_create_repo(self, params: dict) -> None:
         body = self._json() or {}
-        if body.get("type", "model") != "model":
-            raise HubError(400, "This test Hub only hosts model repos")
+        if body.get("type", "model") not in ("model", "dataset"):
+            raise HubError(400, "This test Hub only hosts model and dataset repos")
+        prefix = "datasets/" if body.get("type") == "dataset" else ""
         repo_id = f"{body.get('organization') or self.hub.user}/{body['name']}"
-        url = f"{self.hub.url}/{repo_id}"
+        url = f"{self.hub.url}/{prefix}{repo_id}"
         private = body.get("visibility") == "private" or bool(body.get("private"))
         try:
-            self.hub.store.create_repo(repo_id, private=private)
+            self.hub.store.create_repo(prefix + repo_id, private=private)
         except HubError as err:
             return self._send_error(err, {"error": err.message, "url": url})
         self._send(200, {"url": url, "name": repo_id, "id": repo_id})
 
     def route_delete_repo(self, params: dict) -> None:
         body = self._json() or {}
-        self.hub.store.delete_repo(f"{body.get('organization') or self.hub.user}/{body['name']}")
+        prefix = "datasets/" if body.get("type") == "dataset" else ""
+        self.hub.store.delete_repo(f"{prefix}{body.get('organization') or self.hub.user}/{body['name']}")
         self._send(200, {})
 
     def route_validate_yaml(self, params: dict) -> None:
@@ -247,7 +253,7 @@ class HubHandler(BaseHTTPRequestHandler):
 
     def _commit_at(self, params: dict) -> tuple[dict, str, dict]:
         """(repo metadata, commit oid, files) for the repo and revision in the route."""
-        meta = self.hub.store.load(params["repo"])
+        meta = self.hub.store.load(params["key"])
         oid = self.hub.store.resolve(meta, params.get("rev", "main"))
         return meta, oid, meta["commits"][oid]["files"]
 
@@ -324,7 +330,7 @@ class HubHandler(BaseHTTPRequestHandler):
 
     def route_lfs_batch(self, params: dict) -> None:
         body = self._json() or {}
-        self.hub.store.load(params["repo"])
+        self.hub.store.load(params["key"])
         if body.get("operation") != "upload":
             raise HubError(400, "Only the LFS upload operation is supported")
         objects = []
@@ -359,8 +365,9 @@ class HubHandler(BaseHTTPRequestHandler):
             raise HubError(400, f"Commit payload is not valid NDJSON: {exc}") from None
         if not lines or lines[0].get("key") != "header":
             raise HubError(400, "Commit payload must start with a header line")
-        oid = self.hub.store.commit(params["repo"], params["rev"], lines[0]["value"], lines[1:])
-        self._send(200, {"commitOid": oid, "commitUrl": f"{self.hub.url}/{params['repo']}/commit/{oid}",
+        oid = self.hub.store.commit(params["key"], params["rev"], lines[0]["value"], lines[1:])
+        url = f"{self.hub.url}/{params['url_prefix']}{params['repo']}/commit/{oid}"
+        self._send(200, {"commitOid": oid, "commitUrl": url,
                          "pullRequestUrl": None, "success": True, "hookOutput": ""})
 
     # ---- history and refs --------------------------------------------------------------------------------------
@@ -370,7 +377,7 @@ class HubHandler(BaseHTTPRequestHandler):
                           "authors": [{"user": self.hub.user}]} for c in self.hub.store.history(meta, oid)])
 
     def route_refs(self, params: dict) -> None:
-        meta = self.hub.store.load(params["repo"])
+        meta = self.hub.store.load(params["key"])
 
         def refs(kind: str, prefix: str) -> list[dict]:
             return [{"name": n, "ref": f"{prefix}{n}", "targetCommit": o} for n, o in sorted(meta[kind].items())]
@@ -385,11 +392,11 @@ class HubHandler(BaseHTTPRequestHandler):
         if self.command == "DELETE":
             if params["rev"] == "main" and kind == "branches":
                 raise HubError(403, "The main branch cannot be deleted")
-            self.hub.store.delete_ref(params["repo"], kind, params["rev"])
+            self.hub.store.delete_ref(params["key"], kind, params["rev"])
         elif kind == "tags":
-            self.hub.store.create_ref(params["repo"], kind, body["tag"], params["rev"])
+            self.hub.store.create_ref(params["key"], kind, body["tag"], params["rev"])
         else:
-            self.hub.store.create_ref(params["repo"], kind, params["rev"], body.get("startingPoint"))
+            self.hub.store.create_ref(params["key"], kind, params["rev"], body.get("startingPoint"))
         self._send(200, {})
 
     # ---- download ----------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""A local fake of the Hugging Face Hub, enough for the real `huggingface_hub` client to push and download model repos.
+"""A local fake of the Hugging Face Hub, enough for the real `huggingface_hub` client to push and download model repos,
+and for `datasets.load_dataset` to download dataset repos.
 
 Usage::
 
@@ -16,7 +17,11 @@ Behaviour worth knowing:
 - Every route needs `Authorization: Bearer <token>` except the LFS PUT (it stands in for a presigned URL) and the
   control routes `/_faults` and `/_log`. A 401 on a repo route carries `X-Error-Code: RepoNotFound`, as on the Hub.
 - A new repo gets the Hub's "initial commit" holding a `.gitattributes` file.
-- Only model repos: dataset and space routes answer 400; so do pull requests (`create_pr=1`).
+- Model and dataset repos (the same routes, under `/api/datasets/...` and `/datasets/...` for datasets; the
+  inspection helpers below name a dataset repo `datasets/<ns>/<name>`). Space routes answer 400; so do pull
+  requests (`create_pr=1`). `datasets.load_dataset(repo_id)` needs `datasets.config.HF_ENDPOINT` pointed at `url`
+  (datasets reads HF_ENDPOINT at import); it also asks the dataset viewer (`datasets-server.<host>`), which does
+  not resolve, and datasets then reads the files themselves.
 - Faults (`add_fault`, or POST `/_faults` with a JSON list of the same fields) match by method and a regex searched
   in the request path (with query); each match consumes one `count` (None: unlimited). A fault with `status` answers
   that status after `delay` seconds; one with `status=None` only delays the normal handling.

@@ -4,6 +4,7 @@ Layout under `root_dir`::
 
     blobs/<sha256>               content-addressed file contents (regular and LFS files alike)
     repos/<ns>/<name>.json       one metadata document per model repo
+    dataset-repos/<ns>/<name>.json   the same per dataset repo (store key "datasets/<ns>/<name>")
 
 A metadata document holds `branches` and `tags` (name -> commit oid) and `commits` (oid -> commit). Every commit
 carries the full file map of its tree, `path -> {"sha256", "size", "gitoid", "lfs"}`, so resolving any revision is
@@ -133,10 +134,14 @@ class HubStore:
 
     # ---- repo metadata -----------------------------------------------------------------------------------------
     def _meta_path(self, repo_id: str) -> Path:
+        """Where a repo's metadata lives; `repo_id` is "ns/name" (a model) or "datasets/ns/name" (a dataset)."""
+        folder = "repos"
+        if repo_id.startswith("datasets/"):
+            folder, repo_id = "dataset-repos", repo_id[len("datasets/"):]
         ns, _, name = repo_id.partition("/")
         if not all(_REPO_PART.fullmatch(part) and ".." not in part for part in (ns, name)):
             raise HubError(400, f"Invalid repo id {repo_id!r}: expected 'namespace/name' of [A-Za-z0-9_.-]")
-        return self.root / "repos" / ns / f"{name}.json"
+        return self.root / folder / ns / f"{name}.json"
 
     def exists(self, repo_id: str) -> bool:
         return self._meta_path(repo_id).is_file()
@@ -155,7 +160,8 @@ class HubStore:
         """Create a repo with the Hub's initial commit (a `.gitattributes`); HubError(409) when it exists."""
         with self.lock:
             if self.exists(repo_id):
-                raise HubError(409, "You already created this model repo")
+                kind = "dataset" if repo_id.startswith("datasets/") else "model"
+                raise HubError(409, f"You already created this {kind} repo")
             meta = {"id": repo_id, "private": private, "createdAt": now_iso(), "branches": {}, "tags": {},
                     "commits": {}}
             data = GITATTRIBUTES.encode()
