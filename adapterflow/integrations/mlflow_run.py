@@ -11,12 +11,10 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 from urllib.parse import urlparse
 
-from adapterflow.init_methods import pipeline_init_name
-
-FLOW_RUN_TAG = "prefect.flow_run_id"
+from adapterflow.integrations.mlflow_describe import FLOW_RUN_TAG  # noqa: F401 - API
 HUB_COMMIT_TAG = "hub.commit_url"
 MODEL_URI_TAG = "adapter.model_uri"
 MAX_PARAM_CHARS = 500  # MLflow truncates past 6000 chars, then refuses the full value again on a retry
@@ -92,27 +90,6 @@ def run_params(plan: dict) -> dict[str, str]:
               "dataset.eval_fraction": plan.get("eval_fraction"), "max_seq_len": plan.get("max_seq_len"),
               "save.convert_pissa_to_lora": plan.get("convert_pissa_to_lora"), "verify.atol": plan.get("atol")}
     return {key: _compact(value) for key, value in params.items() if value not in (None, "", [], {})}
-
-
-def run_tags(plan: dict, flow_run_id: str, flow_run_url: Optional[str], training: dict,
-             verification: dict) -> dict[str, str]:
-    """`prefect.*`, `base_model` (as the user named it), `adapter.*`, `verification.passed`, and the run's
-    description (`mlflow.note.content`, also the model version's)."""
-    given, lora = plan.get("parameters", {}), plan.get("lora_config", {})
-    init = given.get("adapter", {}).get("init") or pipeline_init_name(lora.get("init_lora_weights", True))
-    tags = {FLOW_RUN_TAG: flow_run_id, "base_model": given.get("base_model", {}).get("name_or_path")
-            or plan["base_model_path"], "adapter.name": plan.get("adapter_name", "default"), "adapter.init": init,
-            "adapter.converted": str(bool(plan.get("convert_pissa_to_lora"))).lower(),
-            "verification.passed": str(verification.get("passed")).lower()}
-    if flow_run_url:
-        tags["prefect.flow_run_url"] = flow_run_url
-    link = f"[Prefect flow run]({flow_run_url})" if flow_run_url else f"Prefect flow run `{flow_run_id}`"
-    tags["mlflow.note.content"] = (
-        f"Adapter `{tags['adapter.name']}` ({init}, r={lora.get('r')}) on `{tags['base_model']}`: eval loss "
-        f"{training.get('eval_loss_before')} -> {training.get('eval_loss_after')}; verification max |diff| "
-        f"{verification.get('max_abs_diff')} (atol {verification.get('atol')}). {link}. The adapter's files are "
-        f"the run's logged model (Models tab).")
-    return tags
 
 
 def _compact(value: Any) -> str:
