@@ -43,7 +43,8 @@ def logged_model(client, run, flow_run_id: str, name: str, adapter_dir: Path, pl
     if model is None:
         model_tags = {FLOW_RUN_TAG: flow_run_id, **{k: tags[k] for k in (
             "base_model", "adapter.name", "adapter.init", "adapter.r", "adapter.saved_r", "adapter.converted",
-            "adapter.conversion", "prefect.flow_run_name") if k in tags}}
+            "adapter.conversion", "prefect.flow_run_name", "mlflow.source.name", "mlflow.source.type", "mlflow.user")
+            if k in tags}}  # the mlflow.* ones: the Models tab's "Logged from"
         model = client.create_logged_model(experiment_id, name, source_run_id=run_id, tags=model_tags,
                                            params=params, model_type=MODEL_TYPE)
     if model.model_id not in {output.model_id for output in (run.outputs.model_outputs if run.outputs else [])}:

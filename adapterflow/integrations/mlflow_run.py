@@ -17,22 +17,29 @@ from urllib.parse import urlparse
 from adapterflow.integrations.mlflow_describe import FLOW_RUN_TAG  # noqa: F401 - API
 HUB_COMMIT_TAG = "hub.commit_url"
 MODEL_URI_TAG = "adapter.model_uri"
+# The UI opens an experiment of this kind in its "Model training" view (runs, charts, models) rather than the
+# GenAI one (traces, prompts, an assistant panel); values from the UI bundle's experiment kinds.
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 MAX_PARAM_CHARS = 500  # MLflow truncates past 6000 chars, then refuses the full value again on a retry
 
 
 def experiment_id(client, name: str, uri: str, runs_root: Path) -> str:
     """The experiment's id, created if missing. A server stores artifacts itself; other stores get
-    <runs_root>/mlartifacts (MLflow's default is ./mlruns in whatever the current directory is)."""
+    <runs_root>/mlartifacts (MLflow's default is ./mlruns in whatever the current directory is). Tagged with
+    EXPERIMENT_KIND unless it has a kind."""
     from mlflow.exceptions import MlflowException
 
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         if experiment.lifecycle_stage == "deleted":
             client.restore_experiment(experiment.experiment_id)
+        if EXPERIMENT_KIND_TAG not in experiment.tags:
+            client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return experiment.experiment_id
     remote = urlparse(uri).scheme in ("http", "https") or uri.startswith("databricks")
     try:
-        return client.create_experiment(name, None if remote else (runs_root / "mlartifacts").as_uri())
+        return client.create_experiment(name, None if remote else (runs_root / "mlartifacts").as_uri(),
+                                        tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
     except MlflowException as exc:  # created concurrently
         if exc.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
