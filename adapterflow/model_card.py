@@ -24,7 +24,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 from adapterflow import formats
 from adapterflow.config import LoraConfig
-from adapterflow.model_references import is_hub_model_id
+from adapterflow.model_references import BUILTIN_PREFIX, is_hub_model_id
 
 # PEFT's TaskType -> Hub pipeline tag.
 PIPELINE_TAGS = {
@@ -47,6 +47,7 @@ class ModelCardInfo:
         only when it is a Hub repo id. license, datasets: Hub metadata. tags: added to DEFAULT_TAGS.
     training: summary shown as a table (steps, final_loss, eval_loss_before, eval_loss_after, other scalars).
     repo_id: the Hub repo, for the loading snippet.
+    notes: sentences shown under the introduction, e.g. conversion_note's.
     """
 
     base_model: Optional[str] = None
@@ -55,6 +56,15 @@ class ModelCardInfo:
     tags: Sequence[str] = ()
     training: Optional[Mapping[str, Any]] = field(default=None, hash=False)
     repo_id: Optional[str] = None
+    notes: Sequence[str] = ()
+
+
+def conversion_note(trained_r: int, saved_r: int) -> str:
+    """Why a converted PiSSA adapter's rank is twice the trained one: the PiSSA->LoRA conversion stores the
+    trained factors next to the initial ones, [B, -B0] @ [A; A0] (peft `PeftModel.save_pretrained`,
+    path_initial_model_for_weight_conversion), so the saved r is 2r and the adapter applies to the original base."""
+    return (f"trained as PiSSA r={trained_r}; saved as LoRA r={saved_r} (PiSSA->LoRA conversion doubles the rank), "
+            f"so it loads on the original base model")
 
 
 def card_metadata(configs: Mapping[str, LoraConfig], info: Optional[ModelCardInfo] = None) -> dict[str, object]:
@@ -94,17 +104,24 @@ def render_model_card(configs: Mapping[str, LoraConfig], existing: Optional[str]
     config = next(iter(configs.values()))
     base = (info.base_model if info else None) or config.base_model_name_or_path
     hub_base = _hub_base(config, info or ModelCardInfo())
-    name = hub_base or (Path(base).name if base else None)
-    about = f"`{hub_base}`" if hub_base else f"the local base model `{name}` (not a Hub repo)" if base else "a model"
+    name = hub_base or base_model_label(base)
+    about = (f"`{hub_base}`" if hub_base else "a model" if not base else
+             f"adapterflow's builtin base model `{name}` (built locally, not a Hub repo)"
+             if base.startswith(BUILTIN_PREFIX) else f"the local base model `{name}` (not a Hub repo)")
+    load = (f"resolve_base_model({json.dumps(base)})" if base and base.startswith(BUILTIN_PREFIX) else
+            json.dumps(hub_base or f"<path to {name or 'the base model'}>"))
+    imports = ("from adapterflow.runtime.base_models import resolve_base_model\n"
+               if base and base.startswith(BUILTIN_PREFIX) else "")
+    notes = "".join(f"{note[:1].upper()}{note[1:]}.\n\n" for note in (info.notes if info else ()))
     auto = "AutoModelForCausalLM" if metadata.get("pipeline_tag", "text-generation") == "text-generation" else "AutoModel"
     rows = "\n".join(_row(adapter, c.r, c.lora_alpha, c.target_modules, c.init_lora_weights)
                      for adapter, c in configs.items())
     body = (
         f"# LoRA adapter for {name or 'a base model'}\n\n"
         f"A LoRA adapter made with adapterflow for {about}. It holds the adapter weights only, in PEFT's "
-        f"format; load it on top of the base model.\n\n## Usage\n\n"
-        f"```python\nfrom peft import PeftModel\nfrom transformers import {auto}\n\n"
-        f"base = {auto}.from_pretrained({json.dumps(hub_base or '<path to the base model>')})\n"
+        f"format; load it on top of the base model.\n\n{notes}## Usage\n\n"
+        f"```python\nfrom peft import PeftModel\nfrom transformers import {auto}\n{imports}\n"
+        f"base = {auto}.from_pretrained({load})\n"
         f"model = PeftModel.from_pretrained(base, {json.dumps((info and info.repo_id) or '<this folder or repo>')})\n"
         f"```\n\n## Adapter configuration\n\n| adapter | r | lora_alpha | target modules | init |\n"
         f"|---|---|---|---|---|\n{rows}\n"
@@ -138,6 +155,14 @@ def read_configs(folder: Path) -> dict[str, LoraConfig]:
     if not configs:
         raise FileNotFoundError(f"No {formats.CONFIG_NAME} in {folder} or its subfolders: not a saved adapter folder.")
     return configs
+
+
+def base_model_label(base: Optional[str]) -> Optional[str]:
+    """The base model as a card (or MLflow) names it: `builtin:NAME` and Hub ids as given, a local folder by its
+    folder name (never a machine-local path such as a cache folder)."""
+    if not base or base.startswith(BUILTIN_PREFIX) or is_hub_model_id(base):
+        return base
+    return Path(base.rstrip("/")).name or base
 
 
 def _hub_base(config: LoraConfig, info: ModelCardInfo) -> Optional[str]:

@@ -220,6 +220,24 @@ def default_registered_model_name(adapter_name: str, base_model: str, cwd: Optio
     return f"{name}-{digest}"
 
 
+def mlflow_run_name(label: str, essentials: str) -> str:
+    """The MLflow run's name: `label` (the Prefect flow run's name, or run_name) and `essentials` (e.g.
+    "pissa r8"), the label cut so the whole fits MLflow's MLFLOW_RUN_NAME_MAX characters. MLflow allows any
+    characters in run names."""
+    room = MLFLOW_RUN_NAME_MAX - len(essentials) - 1
+    return f"{label[:room]} {essentials}".strip()
+
+
+def logged_model_name(registered_name: str, label: Optional[str], flow_run_id: str) -> str:
+    """The run's LoggedModel name, distinct per flow run: `<registered name>-<label>-<first 8 characters of the
+    flow run id>`, e.g. default-tiny-llama-rational-inchworm-3f2a9c1d. The label (the Prefect flow run's name) is
+    made MLflow-safe ("." -> "_", other refused characters -> "-"); the result passes
+    `registered_model_name_problem` (MLflow's LoggedModel rule, MLFLOW_NAME_MAX characters)."""
+    suffix = "-".join(part for part in (_mlflow_safe(label or "").strip("-"), _mlflow_safe(flow_run_id[:HASH_CHARS]))
+                      if part)
+    return f"{registered_name[:MLFLOW_NAME_MAX - len(suffix) - 1]}-{suffix}"
+
+
 def check_names(params) -> list[str]:
     """The name rules that need more than one parameter value (one problem line each; empty when all is well):
     the registered model name (explicit or derived from the base model), the run folder (runs_root/run_name, or

@@ -95,7 +95,8 @@ class AdapterSettings(_Section):
                       description="adapter name (a folder name for non-default): letters, digits, _ and -, at most "
                                   "NAME_MAX - 40 bytes (215 on most file systems)")
     init: str = Field("pissa_niter_4", pattern=PIPELINE_INIT_PATTERN,
-                      description="lora | gaussian | random | pissa | pissa_niter_<K>")
+                      description="lora | gaussian | random | pissa | pissa_niter_K (PiSSA with K fast-SVD "
+                                  "iterations, e.g. pissa_niter_4)")
     r: int = Field(8, ge=1, description="LoRA rank")
     lora_alpha: float = Field(16, gt=0)
     lora_dropout: float = Field(0.0, ge=0, lt=1)
@@ -161,13 +162,13 @@ class TrainingParameters(_Section):
 
 
 class SaveSettings(_Section):
-    output_dir: Optional[str] = Field(None, description="where the adapter lands (default: <run dir>/adapter)")
+    output_dir: Optional[str] = Field(None, description="where the adapter lands (default: {run dir}/adapter)")
     safe_serialization: bool = True
     selected_adapters: Optional[list[str]] = None
     save_embedding_layers: Union[bool, Literal["auto"]] = "auto"
     convert_pissa_to_lora: bool = Field(True, description="save a PiSSA adapter as LoRA for the original base model")
     if_exists: Literal["error", "new_version"] = Field(
-        "error", description="output_dir taken by another run's adapter: fail, or write to <output_dir>-v2, -v3, ...")
+        "error", description="output_dir taken by another run's adapter: fail, or write to {output_dir}-v2, -v3, ...")
 
 
 class VerifySettings(_Section):
@@ -207,16 +208,17 @@ class MlflowSettings(_Section):
     enabled: bool = Field(True, description="record the run in MLflow; false skips the step")
     tracking_uri: Optional[str] = Field(
         None, description="tracking server (http://host:port) or store URI; default: $MLFLOW_TRACKING_URI, else "
-                          "sqlite:///<runs_root>/mlflow.db with artifacts in <runs_root>/mlartifacts. No "
+                          "sqlite:///{runs_root}/mlflow.db with artifacts in {runs_root}/mlartifacts. No "
                           "credentials in the URL: use MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD")
     experiment: str = Field("adapterflow", min_length=1, description="MLflow experiment name (1-256 characters)")
     registered_model_name: Optional[str] = Field(
         None, description="registered model to add a version to; it also names the run's LoggedModel, so no / : . "
-                          "% \" ' and at most 256 characters. Default: <adapter name>-<base model> made MLflow-safe "
-                          "('/' -> '--', '.' -> '_', a local folder by its name) plus an 8-digit hash when that lost "
-                          "information, e.g. default-tiny-llama, default-Qwen--Qwen2_5-0_5B-9fc3a057")
+                          "% \" ' and at most 256 characters. Default: {adapter name}-{base model} made MLflow-safe "
+                          "('/' becomes '--', '.' becomes '_', a local folder is named by its folder name) plus an "
+                          "8-digit hash when that lost information, e.g. default-tiny-llama, "
+                          "default-Qwen--Qwen2_5-0_5B-9fc3a057")
     alias: Optional[str] = Field(None, description='alias to point at the new version, e.g. "candidate": letters, '
-                                                   'digits, _ and -; not "latest" or v<N>')
+                                                   'digits, _ and -; not "latest" or vN such as v1')
     request_timeout_seconds: float = Field(10, gt=0, description="timeout of one HTTP request (whole seconds)")
     max_retries: int = Field(2, ge=0, description="MLflow's own retries of a failed HTTP request")
 

@@ -13,6 +13,7 @@ from prefect.runtime import flow_run
 from adapterflow.flows.parameters import SaveAdapterParameters
 from adapterflow.tasks.convert_pissa_to_lora import convert_pissa_to_lora_task
 from adapterflow.tasks.extract_adapter import extract_adapter
+from adapterflow.tasks.flow_report import flow_run_tags, report, saved_as, tag_flow_run
 from adapterflow.tasks.log_to_mlflow import log_to_mlflow
 from adapterflow.tasks.prepare_run import prepare_run
 from adapterflow.tasks.push_to_hub import push_to_hub
@@ -25,8 +26,10 @@ from adapterflow.tasks.verify_adapter import verify_adapter_task
 def save_adapter(config: SaveAdapterParameters = SaveAdapterParameters()) -> dict:
     """Fine-tune a LoRA / PiSSA adapter and publish exactly the adapter.
 
-    Returns a summary: run and adapter folders, eval loss before/after, verification result, flow run id.
+    Returns a summary: run and adapter folders, eval loss before/after, verification result, flow run id, the
+    MLflow and Hub results. Also shown as the run's `run-summary` artifact and its last log lines.
     """
+    tag_flow_run(flow_run.get_id(), flow_run_tags(config))
     run_name = config.run_name or flow_run.get_id()
     plan = prepare_run(config, run_name)
     training = train_adapter(plan)
@@ -36,18 +39,20 @@ def save_adapter(config: SaveAdapterParameters = SaveAdapterParameters()) -> dic
     verification = verify_adapter_task(plan, saved)
     tracked = _result(log_to_mlflow(plan, config.mlflow, saved, verification, flow_run.get_id()))
     pushed = _result(push_to_hub(plan, config.hub, config.mlflow, saved, tracked, flow_run.get_id()))
-    print(f"Adapter saved to {saved['adapter_dir']} (verified: max |logit diff| {verification['max_abs_diff']:.2e})")
-    return {
+    summary = {
         "flow_run_id": flow_run.get_id(),
         "run_dir": plan.run_dir,
         "adapter_dir": saved["adapter_dir"],
         "converted": saved["converted"],
+        "saved_as": saved_as(plan, saved),
         "eval_loss_before": training["eval_loss_before"],
         "eval_loss_after": training["eval_loss_after"],
         "verification": verification,
         "mlflow": tracked,
         "hub": pushed,
     }
+    report(summary, flow_run.get_name())
+    return summary
 
 
 def _result(value):

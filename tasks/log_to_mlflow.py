@@ -6,11 +6,13 @@ no URL password or token reaches the Prefect logs; each run of the task attaches
 
 from __future__ import annotations
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
+from prefect.runtime import flow_run
 from prefect.states import Completed
 
 from adapterflow.redaction import install_log_redaction
+from adapterflow.runtime.data import load_examples, resolve_dataset, split_examples
 from adapterflow.runtime.run_dir import read_json
 from adapterflow.flows.parameters import MlflowSettings, local_path
 from adapterflow.integrations.mlflow_logging import log_adapter_run
@@ -34,16 +36,40 @@ def log_to_mlflow(plan: RunPlan, settings: MlflowSettings, saved: dict, verifica
     runs_root = local_path(plan.parameters["runs_root"])
     result = log_adapter_run(
         settings, runs_root=runs_root, run_dir=plan.run_dir, adapter_dir=saved["adapter_dir"],
-        flow_run_id=flow_run_id, flow_run_url=flow_run_url(flow_run_id),
+        flow_run_id=flow_run_id, flow_run_url=flow_run_url(flow_run_id), flow_run_name=flow_run.get_name(),
         training=read_json(plan.run.training_summary), verification=verification, plan=plan.model_dump(mode="json"),
+        input_example=prompt_examples(plan), dataset_file=_dataset_file(plan),
     )
     if result["run_url"]:
-        create_link_artifact(key="mlflow-run", link=result["run_url"], link_text=f"MLflow run {result['run_id']}")
+        create_link_artifact(key="mlflow-run", link=result["run_url"], link_text=f"MLflow run {result['run_name']}",
+                             description="The MLflow run: params, metrics, the loss chart, the dataset input")
         create_link_artifact(key="mlflow-model-version", link=result["model_version_url"],
-                             link_text=f"{result['registered_model_name']} version {result['model_version']}")
+                             link_text=f"{result['registered_model_name']} version {result['model_version']}",
+                             description="The registered model version (a pyfunc: base model + adapter -> text)")
     else:
         create_markdown_artifact(key="mlflow-run", markdown=(
             f"MLflow run `{result['run_id']}`, model `{result['registered_model_name']}` version "
             f"{result['model_version']}, in `{result['tracking_uri']}`.\n\n"
             f"Browse it with `mlflow ui --backend-store-uri {result['tracking_uri']}`."))
+    get_run_logger().info("MLflow run %s (%s), model %s version %s", result["run_name"],
+                          result["run_url"] or result["tracking_uri"], result["registered_model_name"],
+                          result["model_version"])
     return result  # its URIs are redacted
+
+
+def prompt_examples(plan: RunPlan, count: int = 2) -> list[str]:
+    """Prompts of held-out examples (the training data's format, e.g. "Repeat: red map ->"), for the model's
+    input example; text-only datasets give the start of a text. [] when the dataset cannot be read."""
+    try:
+        _, held_out = split_examples(load_examples(plan.dataset_path), plan.eval_fraction,
+                                     plan.training_settings().seed)
+    except (OSError, ValueError):
+        return []
+    return [example.prompt or " ".join(example.completion.split()[:6]) for example in held_out[:count]]
+
+
+def _dataset_file(plan: RunPlan) -> str | None:
+    try:
+        return str(resolve_dataset(plan.dataset_path))
+    except (OSError, ValueError):
+        return None

@@ -37,11 +37,13 @@ def push_to_hub(plan: RunPlan, settings: HubSettings, mlflow_settings: MlflowSet
         revision=settings.revision, tag=settings.tag, timeout=settings.timeout_seconds,
         commit_message=f"adapterflow: adapter '{plan.adapter_name}' from Prefect flow run {flow_run_id}{mlflow_note}",
     )
-    commit_url = redact_text(result.commit_url)
-    create_link_artifact(key="hub-commit", link=commit_url, link_text=f"{result.repo_id}@{result.commit_oid[:12]}")
+    commit_url, label = redact_text(result.commit_url), f"{result.repo_id}@{result.commit_oid[:12]}"
+    create_link_artifact(key="hub-commit", link=commit_url, link_text=label,
+                         description="The Hub commit holding the adapter folder (model card, config, weights)"
+                         + ("" if result.created_commit else "; the files were already there, no new commit"))
     if tracked:  # the tracked URI is redacted: resolve the real one again
         uri = resolve_tracking_uri(mlflow_settings, local_path(plan.parameters["runs_root"]))
-        set_hub_commit_tag(mlflow_settings, uri, tracked["run_id"], commit_url,
+        set_hub_commit_tag(mlflow_settings, uri, tracked["run_id"], commit_url, label=label,
                            registered_model_name=tracked["registered_model_name"], model_version=tracked["model_version"])
     return {"repo_id": result.repo_id, "commit_url": commit_url, "commit_oid": result.commit_oid,
             "created_commit": result.created_commit}

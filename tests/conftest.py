@@ -80,11 +80,12 @@ def prefect_api(tmp_path_factory):
     from servers import ServerProcess, free_port
 
     port = free_port()
+    url = f"http://127.0.0.1:{port}/api"
     server = ServerProcess(
         [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        f"http://127.0.0.1:{port}/api/health", tmp_path_factory.mktemp("prefect") / "server.log",
+        f"{url}/health", tmp_path_factory.mktemp("prefect") / "server.log",
+        env={"PREFECT_UI_API_URL": url},  # the UI's pages call this API (its default is port 4200)
     ).start()
-    url = f"http://127.0.0.1:{port}/api"
     try:
         # Heartbeats only serve crash detection of deployed runs; without them a flow run ends ~1 s sooner.
         with temporary_settings(updates={PREFECT_API_URL: url, PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):

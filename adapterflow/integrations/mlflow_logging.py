@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Optional
 from urllib.parse import quote, urlparse
 
-from adapterflow.flows.names import default_registered_model_name
-from adapterflow.integrations import mlflow_registry, mlflow_run
+from adapterflow.flows.names import default_registered_model_name, logged_model_name
+from adapterflow.integrations import mlflow_describe, mlflow_registry, mlflow_run
 from adapterflow.integrations.mlflow_client import (MlflowRefusedError, MlflowTrackingError,  # noqa: F401 - API
                                                     MlflowUnavailableError, fail_fast, is_transient_mlflow_error,
                                                     registry_store_tracking_uri, resolve_tracking_uri,
@@ -35,21 +35,27 @@ from adapterflow.redaction import redact, redact_text
 
 def log_adapter_run(settings, *, runs_root: str | os.PathLike, run_dir: str | os.PathLike,
                     adapter_dir: str | os.PathLike, flow_run_id: str, flow_run_url: Optional[str], training: dict,
-                    verification: dict, plan: dict) -> dict:
+                    verification: dict, plan: dict, flow_run_name: Optional[str] = None,
+                    input_example: Optional[list[str]] = None, dataset_file: Optional[str] = None) -> dict:
     """Record one finished pipeline run in MLflow; idempotent per flow_run_id (see the module docstring).
 
     Args:
         settings: flows.parameters.MlflowSettings (tracking_uri, experiment, registered_model_name, alias,
             request_timeout_seconds, max_retries).
         runs_root: root of the run directories; holds the default sqlite store and its artifacts.
-        run_dir: this run's directory (its name becomes the MLflow run name).
+        run_dir: this run's directory.
         adapter_dir: the saved adapter folder (README.md, adapter_config.json, weights); only read.
-        flow_run_id, flow_run_url: the Prefect flow run, recorded as tags.
+        flow_run_id, flow_run_url, flow_run_name: the Prefect flow run, recorded as tags and linked from the
+            description; its name (or run_name) plus init and rank names the MLflow run ("rational-inchworm pissa
+            r8") and, with the id, the LoggedModel (mlflow_describe, flows/names.py).
         training: <run>/training.json; verification: the verify step's report; plan: <run>/plan.json.
+        input_example: prompts in the training data's format, saved as the pyfunc's input example.
+        dataset_file: the dataset file read (for builtin:NAME datasets), the source of the run's dataset input.
 
     Returns:
-        {"run_id", "experiment_id", "tracking_uri", "run_url", "model_id", "model_uri", "registered_model_name",
-         "model_version", "model_version_url"}; the two URLs are None unless the tracking URI is http(s). URIs
+        {"run_id", "run_name", "experiment_id", "tracking_uri", "run_url", "model_id", "model_name" (the
+         LoggedModel's), "model_uri", "registered_model_name", "model_version", "model_version_url"}; the two URLs
+         are None unless the tracking URI is http(s). URIs
         are redacted (no URL password): call resolve_tracking_uri again to reach the server.
 
     Raises:
@@ -61,18 +67,23 @@ def log_adapter_run(settings, *, runs_root: str | os.PathLike, run_dir: str | os
         raise ValueError(f"flow_run_id {flow_run_id!r} must be a plain id (letters, digits, _.:-)")
     uri, adapter_dir = resolve_tracking_uri(settings, runs_root), Path(adapter_dir)
     params = redact(mlflow_run.run_params(plan))
-    tags = redact(mlflow_run.run_tags(plan, flow_run_id, flow_run_url, training, verification))
+    tags = redact(mlflow_describe.run_tags(plan, flow_run_id, flow_run_url, training, verification,
+                                           mlflow_describe.saved_rank(adapter_dir), flow_run_name))
     name = settings.registered_model_name or _derived_model_name(plan)  # both valid: flows/names.py
+    model_name = logged_model_name(name, flow_run_name, flow_run_id)
+    run_name = redact(mlflow_describe.run_name(plan, flow_run_name))
     records = {"parameters.json": plan.get("parameters", {}), "run/plan.json": plan, "run/training.json": training,
                "run/verification.json": verification}
     with tracking_client(settings, uri) as client:
         experiment_id = mlflow_run.experiment_id(client, settings.experiment, uri, Path(runs_root).absolute())
-        run, found = mlflow_run.find_or_create_run(client, experiment_id, flow_run_id, Path(run_dir).name, tags)
+        run, found = mlflow_run.find_or_create_run(client, experiment_id, flow_run_id, run_name, tags)
         run_id = run.info.run_id
         try:
             mlflow_run.log_run_data(client, run, found, params, tags, training,
                                     {path: redact(data) for path, data in records.items()})
-            model = mlflow_registry.logged_model(client, run, flow_run_id, name, adapter_dir, plan, params, tags)
+            mlflow_describe.log_dataset_input(client, run, plan, dataset_file)
+            model = mlflow_registry.logged_model(client, run, flow_run_id, model_name, adapter_dir, plan, params,
+                                                 tags, input_example)
             client.set_tag(run_id, MODEL_URI_TAG, f"models:/{model.model_id}")
             mlflow_run.log_summary_metrics(client, run, model.model_id, training, verification, adapter_dir)
             with registry_store_tracking_uri(uri):
@@ -85,23 +96,35 @@ def log_adapter_run(settings, *, runs_root: str | os.PathLike, run_dir: str | os
                 client.set_terminated(run_id, "FAILED")  # best effort; a retry finds the run again and finishes it
             raise
     web = redact_text(uri).rstrip("/") if urlparse(uri).scheme in ("http", "https") else None
-    return {"run_id": run_id, "experiment_id": experiment_id, "tracking_uri": redact_text(uri),
+    return {"run_id": run_id, "run_name": run.info.run_name, "experiment_id": experiment_id,
+            "tracking_uri": redact_text(uri),
             "run_url": f"{web}/#/experiments/{experiment_id}/runs/{run_id}" if web else None,
-            "model_id": model.model_id, "model_uri": f"models:/{model.model_id}", "registered_model_name": name,
+            "model_id": model.model_id, "model_name": model.name, "model_uri": f"models:/{model.model_id}",
+            "registered_model_name": name,
             "model_version": str(version.version),
             "model_version_url": f"{web}/#/models/{quote(name)}/versions/{version.version}" if web else None}
 
 
 def set_hub_commit_tag(settings, tracking_uri: str, mlflow_run_id: str, commit_url: str, *,
-                       registered_model_name: Optional[str] = None, model_version: Optional[str] = None) -> None:
-    """Tag the run (and the model version, when given) with the Hub commit the adapter was pushed as; pass the
+                       registered_model_name: Optional[str] = None, model_version: Optional[str] = None,
+                       label: Optional[str] = None) -> None:
+    """Record the Hub commit the adapter was pushed as: the `hub.commit_url` tag and a link (`label`, e.g.
+    "me/adapter@0123abcd") in the descriptions of the run and, when given, the model version; pass the
     `tracking_uri`, `run_id`, `registered_model_name` and `model_version` that log_adapter_run returned.
+    Idempotent: a retry adds no second link.
 
     Raises: MlflowUnavailableError, MlflowRefusedError (see log_adapter_run)."""
+    commit_url = redact(commit_url)
+    label = label or commit_url.rstrip("/").rsplit("/", 1)[-1][:12]
     with tracking_client(settings, tracking_uri) as client:
-        client.set_tag(mlflow_run_id, HUB_COMMIT_TAG, redact(commit_url))
+        note = client.get_run(mlflow_run_id).data.tags.get("mlflow.note.content")
+        client.set_tag(mlflow_run_id, HUB_COMMIT_TAG, commit_url)
+        client.set_tag(mlflow_run_id, "mlflow.note.content", mlflow_describe.with_hub_link(note, commit_url, label))
         if registered_model_name and model_version:
-            client.set_model_version_tag(registered_model_name, str(model_version), HUB_COMMIT_TAG, redact(commit_url))
+            version = client.get_model_version(registered_model_name, str(model_version))
+            client.set_model_version_tag(registered_model_name, str(model_version), HUB_COMMIT_TAG, commit_url)
+            client.update_model_version(registered_model_name, str(model_version),
+                                        mlflow_describe.with_hub_link(version.description, commit_url, label))
 
 
 def _derived_model_name(plan: dict) -> str:

@@ -16,6 +16,7 @@ import tempfile
 import warnings
 from importlib.metadata import version as package_version
 from pathlib import Path
+from typing import Optional
 
 import adapterflow
 from adapterflow.integrations.mlflow_run import FLOW_RUN_TAG
@@ -28,9 +29,11 @@ MODEL_TYPE = "peft-lora-adapter"
 
 
 def logged_model(client, run, flow_run_id: str, name: str, adapter_dir: Path, plan: dict, params: dict,
-                 tags: dict):
-    """The run's READY pyfunc LoggedModel. It is created (tagged with the flow run id, linked to the run) before
-    its files are uploaded, so a retry after a failed upload fills the same model instead of creating another."""
+                 tags: dict, input_example: Optional[list[str]] = None):
+    """The run's READY pyfunc LoggedModel, named `name` (distinct per run: flows/names.logged_model_name). It is
+    created (tagged with the flow run id, linked to the run) before its files are uploaded, so a retry after a
+    failed upload fills the same model instead of creating another. `input_example`: prompts in the training
+    data's format, saved with the model (the UI shows it; MLflow does not run it)."""
     from mlflow.entities import LoggedModelOutput, LoggedModelStatus
 
     experiment_id, run_id = run.info.experiment_id, run.info.run_id
@@ -38,8 +41,10 @@ def logged_model(client, run, flow_run_id: str, name: str, adapter_dir: Path, pl
                                               order_by=[{"field_name": "creation_time", "ascending": True}]))
     model = next((m for m in models if str(m.status) == "READY"), models[0] if models else None)
     if model is None:
-        model_tags = {FLOW_RUN_TAG: flow_run_id,
-                      **{k: tags[k] for k in ("base_model", "adapter.name", "adapter.init", "adapter.converted")}}
+        model_tags = {FLOW_RUN_TAG: flow_run_id, **{k: tags[k] for k in (
+            "base_model", "adapter.name", "adapter.init", "adapter.r", "adapter.saved_r", "adapter.converted",
+            "adapter.conversion", "prefect.flow_run_name", "mlflow.source.name", "mlflow.source.type", "mlflow.user")
+            if k in tags}}  # the mlflow.* ones: the Models tab's "Logged from"
         model = client.create_logged_model(experiment_id, name, source_run_id=run_id, tags=model_tags,
                                            params=params, model_type=MODEL_TYPE)
     if model.model_id not in {output.model_id for output in (run.outputs.model_outputs if run.outputs else [])}:
@@ -47,7 +52,7 @@ def logged_model(client, run, flow_run_id: str, name: str, adapter_dir: Path, pl
     if str(model.status) == "READY":
         return model
     with tempfile.TemporaryDirectory() as tmp:
-        local = _save_pyfunc(Path(tmp), model, run_id, adapter_dir, plan)
+        local = _save_pyfunc(Path(tmp), model, run_id, adapter_dir, plan, input_example)
         client.log_model_artifacts(model.model_id, str(local))
     return client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
 
@@ -66,13 +71,16 @@ def model_version(client, name: str, model_id: str, run_id: str, flow_run_id: st
     except MlflowException as exc:
         if exc.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
-    tags = {FLOW_RUN_TAG: flow_run_id, "base_model": run_tags["base_model"], "r": str(plan["lora_config"].get("r")),
-            "init": run_tags["adapter.init"], "converted": run_tags["adapter.converted"]}
+    tags = {FLOW_RUN_TAG: flow_run_id, "base_model": run_tags["base_model"], "r": run_tags["adapter.r"],
+            "saved_r": run_tags["adapter.saved_r"], "init": run_tags["adapter.init"],
+            "converted": run_tags["adapter.converted"],
+            **({"conversion": run_tags["adapter.conversion"]} if "adapter.conversion" in run_tags else {})}
     return client.create_model_version(name, f"models:/{model_id}", run_id=run_id, tags=tags, model_id=model_id,
                                        description=run_tags["mlflow.note.content"], await_creation_for=0)
 
 
-def _save_pyfunc(tmp: Path, model, run_id: str, adapter_dir: Path, plan: dict) -> Path:
+def _save_pyfunc(tmp: Path, model, run_id: str, adapter_dir: Path, plan: dict,
+                 input_example: Optional[list[str]] = None) -> Path:
     """The model's files in `tmp/model`: MLmodel, the code, the environment files, artifacts/adapter/*."""
     import mlflow
     from mlflow.models import Model
@@ -82,12 +90,13 @@ def _save_pyfunc(tmp: Path, model, run_id: str, adapter_dir: Path, plan: dict) -
     mlflow_model = Model(artifact_path=model.artifact_location, model_uuid=model.model_id, run_id=run_id,
                          model_id=model.model_id)
     with warnings.catch_warnings():
-        # The signature is explicit; an input example would make MLflow load the base model to validate it.
+        # The signature is explicit, so save_model stores the example without running the model on it
+        # (mlflow/pyfunc/__init__.py `save_model`); runs without one need no warning.
         warnings.filterwarnings("ignore", message=".*input example was not provided", category=UserWarning)
         mlflow.pyfunc.save_model(
             path=str(local), mlflow_model=mlflow_model, python_model=str(MODEL_CODE),
             artifacts={"adapter": str(adapter)}, code_paths=[str(_code_package(tmp))],
-            pip_requirements=_pip_requirements(), signature=_signature(),
+            pip_requirements=_pip_requirements(), signature=_signature(), input_example=input_example or None,
             model_config=redact({"base_model_path": plan["base_model_path"],
                                  "adapter_name": plan.get("adapter_name", "default")}))
     for cache in list(local.rglob("__pycache__")):  # save_model imports the code to check it

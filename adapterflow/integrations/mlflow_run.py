@@ -11,30 +11,35 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 from urllib.parse import urlparse
 
-from adapterflow.init_methods import pipeline_init_name
-
-FLOW_RUN_TAG = "prefect.flow_run_id"
+from adapterflow.integrations.mlflow_describe import FLOW_RUN_TAG  # noqa: F401 - API
 HUB_COMMIT_TAG = "hub.commit_url"
 MODEL_URI_TAG = "adapter.model_uri"
+# The UI opens an experiment of this kind in its "Model training" view (runs, charts, models) rather than the
+# GenAI one (traces, prompts, an assistant panel); values from the UI bundle's experiment kinds.
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 MAX_PARAM_CHARS = 500  # MLflow truncates past 6000 chars, then refuses the full value again on a retry
 
 
 def experiment_id(client, name: str, uri: str, runs_root: Path) -> str:
     """The experiment's id, created if missing. A server stores artifacts itself; other stores get
-    <runs_root>/mlartifacts (MLflow's default is ./mlruns in whatever the current directory is)."""
+    <runs_root>/mlartifacts (MLflow's default is ./mlruns in whatever the current directory is). Tagged with
+    EXPERIMENT_KIND unless it has a kind."""
     from mlflow.exceptions import MlflowException
 
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         if experiment.lifecycle_stage == "deleted":
             client.restore_experiment(experiment.experiment_id)
+        if EXPERIMENT_KIND_TAG not in experiment.tags:
+            client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return experiment.experiment_id
     remote = urlparse(uri).scheme in ("http", "https") or uri.startswith("databricks")
     try:
-        return client.create_experiment(name, None if remote else (runs_root / "mlartifacts").as_uri())
+        return client.create_experiment(name, None if remote else (runs_root / "mlartifacts").as_uri(),
+                                        tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
     except MlflowException as exc:  # created concurrently
         if exc.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
@@ -92,27 +97,6 @@ def run_params(plan: dict) -> dict[str, str]:
               "dataset.eval_fraction": plan.get("eval_fraction"), "max_seq_len": plan.get("max_seq_len"),
               "save.convert_pissa_to_lora": plan.get("convert_pissa_to_lora"), "verify.atol": plan.get("atol")}
     return {key: _compact(value) for key, value in params.items() if value not in (None, "", [], {})}
-
-
-def run_tags(plan: dict, flow_run_id: str, flow_run_url: Optional[str], training: dict,
-             verification: dict) -> dict[str, str]:
-    """`prefect.*`, `base_model` (as the user named it), `adapter.*`, `verification.passed`, and the run's
-    description (`mlflow.note.content`, also the model version's)."""
-    given, lora = plan.get("parameters", {}), plan.get("lora_config", {})
-    init = given.get("adapter", {}).get("init") or pipeline_init_name(lora.get("init_lora_weights", True))
-    tags = {FLOW_RUN_TAG: flow_run_id, "base_model": given.get("base_model", {}).get("name_or_path")
-            or plan["base_model_path"], "adapter.name": plan.get("adapter_name", "default"), "adapter.init": init,
-            "adapter.converted": str(bool(plan.get("convert_pissa_to_lora"))).lower(),
-            "verification.passed": str(verification.get("passed")).lower()}
-    if flow_run_url:
-        tags["prefect.flow_run_url"] = flow_run_url
-    link = f"[Prefect flow run]({flow_run_url})" if flow_run_url else f"Prefect flow run `{flow_run_id}`"
-    tags["mlflow.note.content"] = (
-        f"Adapter `{tags['adapter.name']}` ({init}, r={lora.get('r')}) on `{tags['base_model']}`: eval loss "
-        f"{training.get('eval_loss_before')} -> {training.get('eval_loss_after')}; verification max |diff| "
-        f"{verification.get('max_abs_diff')} (atol {verification.get('atol')}). {link}. The adapter's files are "
-        f"the run's logged model (Models tab).")
-    return tags
 
 
 def _compact(value: Any) -> str:

@@ -1,6 +1,7 @@
 """The flow's push-to-hub step with the real huggingface_hub client against the local Hub-protocol server."""
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -25,10 +26,16 @@ def hub(tmp_path_factory):
         yield server
 
 
-def flow_logs(flow_run_id: str) -> str:
-    with get_client(sync_client=True) as client:
-        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
-    return "\n".join(log.message for log in logs)
+def flow_logs(flow_run_id: str, until: str | None = None, timeout: float = 20) -> str:
+    """The flow run's log messages; with `until`, once one holds it (logs reach the API in batches)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with get_client(sync_client=True) as client:
+            logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+        text = "\n".join(log.message for log in logs)
+        if until is None or until in text or time.monotonic() > deadline:
+            return text
+        time.sleep(0.5)
 
 
 def test_push_with_mlflow_then_idempotent_repush(hub, mlflow_server, tmp_path, monkeypatch):
@@ -59,6 +66,12 @@ def test_push_with_mlflow_then_idempotent_repush(hub, mlflow_server, tmp_path, m
     client = MlflowClient(mlflow_server, mlflow_server)
     assert client.get_run(tracked["run_id"]).data.tags["hub.commit_url"] == pushed["commit_url"]
     assert pushed["commit_url"] in artifacts(state)["hub-commit"][1]
+    link = f"[{REPO}@{pushed['commit_oid'][:12]}]({pushed['commit_url']})"  # clickable in MLflow and Prefect
+    assert link in client.get_run(tracked["run_id"]).data.tags["mlflow.note.content"]
+    assert link in client.get_model_version("hub-test", tracked["model_version"]).description
+    assert link in artifacts(state)["run-summary"][1]
+    hub_line = f"Hub commit: {pushed['commit_url']}"  # the flow's last log line
+    assert flow_logs(summary["flow_run_id"], until=hub_line).splitlines()[-2:] == [hub_line, "Finished in state Completed()"]
 
     again = run_flow(tmp_path / "runs", run_name="hub", hub=settings, mlflow={"enabled": False})
     assert again.is_completed(), again.message

@@ -52,6 +52,39 @@ def test_retried_mlflow_step_makes_one_run_and_one_version(tmp_path, mlflow_serv
     found = artifacts(state)
     assert found["mlflow-run"][1].endswith(f"({tracked['run_url']})")
     assert tracked["model_version_url"] in found["mlflow-model-version"][1]
+    _check_what_prefect_shows(state, tracked)
+
+
+def _check_what_prefect_shows(state, tracked) -> None:
+    """Tags set at run start, link artifacts with descriptions, the run-summary artifact, the closing log lines,
+    and the MLflow run named after the flow run."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
+    from prefect.client.schemas.sorting import LogSort
+
+    summary, flow_run_id = state.result(), state.result()["flow_run_id"]
+    with get_client(sync_client=True) as client:
+        flow_run = client.read_flow_run(flow_run_id)
+        found = {a.key: a for a in client.read_artifacts(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))}
+        deadline = time.monotonic() + 20
+        while True:  # logs reach the API in batches
+            logs = [log.message for log in client.read_logs(
+                log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])), sort=LogSort.TIMESTAMP_ASC)]
+            if any(m.startswith("MLflow model version:") for m in logs) or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+    assert {"base_model:builtin:tiny-llama", "init:pissa_niter_2", "r:4"} <= set(flow_run.tags)
+    assert all(found[key].description for key in ("mlflow-run", "mlflow-model-version", "run-summary"))
+    markdown = found["run-summary"].data
+    assert summary["adapter_dir"] in markdown and f"]({tracked['run_url']})" in markdown
+    assert f"]({tracked['model_version_url']})" in markdown and "saved as LoRA r=8" in markdown
+    assert f"Adapter: {summary['adapter_dir']}" in logs[-5:]
+    assert f"MLflow run: {tracked['run_url']}" in logs[-5:] and f"MLflow model version: {tracked['model_version_url']}" \
+        in logs[-5:]
+    run = MlflowClient(tracked["tracking_uri"]).get_run(tracked["run_id"])
+    assert run.info.run_name == f"{flow_run.name} pissa r4" == tracked["run_name"]
+    assert f"[{flow_run.name}](" in run.data.tags["mlflow.note.content"]
 
 
 def test_dead_tracking_server_fails_fast_and_a_rerun_does_not_retrain(tmp_path):

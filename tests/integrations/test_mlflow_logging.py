@@ -94,7 +94,8 @@ def _inputs(base_model_dir: Path, adapter_dir: Path, tmp_path: Path, **parameter
                     "zero_lora_b": [], "problems": [], "passed": True}
     return dict(runs_root=tmp_path / "runs", run_dir=run_dir, adapter_dir=adapter_dir, flow_run_id=flow_run_id,
                 flow_run_url=f"http://127.0.0.1:4200/runs/flow-run/{flow_run_id}", training=training,
-                verification=verification, plan=plan)
+                verification=verification, plan=plan, flow_run_name="rational-inchworm",
+                input_example=["Repeat: red map ->", "Min(8, 91) ->"])
 
 
 def _runs_of(client: MlflowClient, experiment: str, flow_run_id: str) -> list:
@@ -109,15 +110,15 @@ def test_logs_everything_readable_over_http(tracking, mlflow_server, base_model_
     before = _snapshot(adapter_dir)
     result = log_adapter_run(settings, **inputs)
 
-    assert set(result) == {"run_id", "experiment_id", "tracking_uri", "run_url", "model_id", "model_uri",
-                           "registered_model_name", "model_version", "model_version_url"}
+    assert set(result) == {"run_id", "run_name", "experiment_id", "tracking_uri", "run_url", "model_id", "model_name",
+                           "model_uri", "registered_model_name", "model_version", "model_version_url"}
     run_id = result["run_id"]
     assert result["run_url"] == f"{mlflow_server}/#/experiments/{result['experiment_id']}/runs/{run_id}"
     assert result["model_version_url"] == f"{mlflow_server}/#/models/{name}/versions/1"
     assert _snapshot(adapter_dir) == before
     client = MlflowClient(mlflow_server, mlflow_server)
     run = client.get_run(run_id)
-    assert run.info.status == "FINISHED" and run.info.run_name == inputs["run_dir"].name
+    assert run.info.status == "FINISHED" and run.info.run_name == result["run_name"] == "rational-inchworm lora r4"
     params = run.data.params
     assert params["lora.r"] == "4" and params["lora.target_modules"] in ("q_proj,v_proj", "v_proj,q_proj")
     assert params["training.learning_rate"] == "0.003" and params["training.steps"] == str(STEPS)
@@ -126,6 +127,16 @@ def test_logs_everything_readable_over_http(tracking, mlflow_server, base_model_
     tags = run.data.tags
     assert tags["prefect.flow_run_id"] == inputs["flow_run_id"] and tags["prefect.flow_run_url"] == inputs["flow_run_url"]
     assert (tags["base_model"], tags["adapter.init"], tags["adapter.converted"]) == ("builtin:tiny-llama", "lora", "false")
+    assert tags["mlflow.source.name"] == "adapterflow.flows.save_adapter" and tags["mlflow.user"]
+    assert (tags["adapter.r"], tags["adapter.saved_r"]) == ("4", "4") and "adapter.conversion" not in tags
+    prefect_link = f"[rational-inchworm]({inputs['flow_run_url']})"
+    assert prefect_link in tags["mlflow.note.content"] and "eval loss: 3.4 before training, 1.1 after" in \
+        tags["mlflow.note.content"]
+    [dataset_input] = run.inputs.dataset_inputs
+    dataset = dataset_input.dataset
+    assert (dataset.name, dataset.digest, dataset.source_type) == ("instructions", ("ab" * 32)[:36], "local")
+    assert json.loads(dataset.source) == {"uri": "/data/instructions.jsonl"}
+    assert {t.key: t.value for t in dataset_input.tags} == {"mlflow.data.context": "training"}
     history = client.get_metric_history(run_id, "train_loss")
     assert [(m.step, m.value) for m in sorted(history, key=lambda m: m.step)] == \
         [(step, pytest.approx(loss)) for step, loss in enumerate(inputs["training"]["losses"], 1)]
@@ -152,8 +163,10 @@ def test_logs_everything_readable_over_http(tracking, mlflow_server, base_model_
             f"tags.`prefect.flow_run_id` = '{inputs['flow_run_id']}'")] == [result["model_id"]]
     version = client.get_model_version_by_alias(name, "candidate")
     assert version.version == result["model_version"] == "1" and version.source == result["model_uri"]
-    assert {k: version.tags[k] for k in ("base_model", "r", "init", "converted")} == \
-        {"base_model": "builtin:tiny-llama", "r": "4", "init": "lora", "converted": "false"}
+    assert {k: version.tags[k] for k in ("base_model", "r", "saved_r", "init", "converted")} == \
+        {"base_model": "builtin:tiny-llama", "r": "4", "saved_r": "4", "init": "lora", "converted": "false"}
+    assert prefect_link in version.description
+    assert model.name == result["model_name"] == f"{name}-rational-inchworm-{inputs['flow_run_id'][:8]}"
 
     sys_path = list(sys.path)
     try:
@@ -163,6 +176,8 @@ def test_logs_everything_readable_over_http(tracking, mlflow_server, base_model_
         sys.path[:] = sys_path  # load_model puts the model's code folder first
     assert isinstance(outputs, list) and len(outputs) == 1 and isinstance(outputs[0], str)
     assert outputs[0]  # 5 new tokens of a byte-level BPE decode to a non-empty string
+    assert loaded.input_example == ["Repeat: red map ->", "Min(8, 91) ->"] or \
+        list(loaded.input_example.iloc[:, 0]) == ["Repeat: red map ->", "Min(8, 91) ->"]
     import pandas as pd
 
     frame = loaded.predict(pd.DataFrame({"prompt": ["Hello", "Name a color."]}), params={"max_new_tokens": 3})
@@ -181,8 +196,13 @@ def test_logs_everything_readable_over_http(tracking, mlflow_server, base_model_
     commit = "https://huggingface.co/me/adapter/commit/0123abcd"  # what the Hub push step records later
     set_hub_commit_tag(settings, result["tracking_uri"], run_id, commit, registered_model_name=name,
                        model_version=result["model_version"])
+    set_hub_commit_tag(settings, result["tracking_uri"], run_id, commit, registered_model_name=name,
+                       model_version=result["model_version"], label="me/adapter@0123abcd")  # a retry: no second link
     assert client.get_run(run_id).data.tags["hub.commit_url"] == commit
     assert client.get_model_version(name, "1").tags["hub.commit_url"] == commit
+    hub_link = f"[0123abcd]({commit})"  # the first call's label: the commit id from the URL
+    for text in (client.get_run(run_id).data.tags["mlflow.note.content"], client.get_model_version(name, "1").description):
+        assert text.count(commit) == 1 and hub_link in text and prefect_link in text
 
     with pytest.raises(MlflowException) as refused:  # a real server refusal is permanent
         client.log_param(run_id, "lora.r", "8")
@@ -192,6 +212,32 @@ def test_logs_everything_readable_over_http(tracking, mlflow_server, base_model_
         log_adapter_run(settings, **changed)
     assert ours.value.transient is False and not is_transient(ours.value)
     assert mlflow_server in str(ours.value) and isinstance(ours.value.__cause__, MlflowException)
+
+
+def test_converted_pissa_runs_explain_the_rank_and_get_distinct_names(tracking, mlflow_server, base_model_dir,
+                                                                      adapter_dir, tmp_path):
+    """The saved adapter (r=4) of a PiSSA run trained at r=2; two flow runs of the same registered model."""
+    name = f"test-pissa-{uuid.uuid4().hex[:8]}"
+    settings = MlflowSettings(tracking_uri=mlflow_server, registered_model_name=name)
+    client = MlflowClient(mlflow_server, mlflow_server)
+    results = []
+    for flow_run_name in ("rational-inchworm", "rational-inchworm"):  # Prefect's random names can repeat
+        inputs = _inputs(base_model_dir, adapter_dir, tmp_path, adapter={"name": "default", "init": "pissa_niter_2",
+                                                                         "r": 2})
+        inputs["plan"].update(convert_pissa_to_lora=True, lora_config={**inputs["plan"]["lora_config"], "r": 2,
+                                                                       "init_lora_weights": "pissa_niter_2"})
+        results.append(log_adapter_run(settings, **{**inputs, "flow_run_name": flow_run_name}))
+    note = "trained as PiSSA r=2; saved as LoRA r=4 (PiSSA->LoRA conversion doubles the rank)"
+    for result in results:
+        run = client.get_run(result["run_id"])
+        assert run.info.run_name == "rational-inchworm pissa r2"
+        assert (run.data.tags["adapter.r"], run.data.tags["adapter.saved_r"]) == ("2", "4")
+        assert run.data.tags["adapter.conversion"].startswith(note) and note in run.data.tags["mlflow.note.content"]
+        version = client.get_model_version(name, result["model_version"])
+        assert note in version.description and version.tags["conversion"].startswith(note)
+        assert client.get_logged_model(result["model_id"]).name == result["model_name"]
+    assert results[0]["model_name"] != results[1]["model_name"]
+    assert [r["model_name"].startswith(f"{name}-rational-inchworm-") for r in results] == [True, True]
 
 
 def test_retries_create_no_second_run_model_or_version(tracking, mlflow_server, base_model_dir, adapter_dir,

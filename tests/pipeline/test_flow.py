@@ -28,6 +28,10 @@ def test_pissa_run_trains_converts_saves_and_verifies(tmp_path):
     assert summary["eval_loss_after"] < summary["eval_loss_before"]
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
     assert config["r"] == 8 and config["init_lora_weights"] is True  # converted: rank 2r, plain LoRA
+    card = (adapter_dir / "README.md").read_text()  # named as the user named the base, not by its cache folder
+    assert card.count("builtin:tiny-llama") >= 2 and config["base_model_name_or_path"] not in card
+    assert "Trained as PiSSA r=4; saved as LoRA r=8 (PiSSA->LoRA conversion doubles the rank)" in card
+    assert summary["saved_as"].startswith("trained as PiSSA r=4; saved as LoRA r=8")
 
     runs = task_runs(state)
     assert set(runs) == set(STEPS)
