@@ -111,10 +111,10 @@ def chat_prompt(messages: Sequence[Message], tokenizer, chat_template: Optional[
         DatasetError: the template fails on the conversation.
     """
     conversation = []
-    for message in messages:
-        if message["role"] == "assistant":
+    for role, content in messages:
+        if role == "assistant":
             break
-        conversation.append(dict(message))
+        conversation.append({"role": role, "content": content})
     return _render(tokenizer, conversation, chat_template, generation_prompt=True)
 
 
