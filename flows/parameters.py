@@ -87,6 +87,9 @@ class DatasetSettings(_Section):
     chat_template: Optional[str] = Field(
         None, description="Jinja chat template for chat rows (the text, or a file holding it); default: the base "
                           "model tokenizer's")
+    revision: Optional[str] = Field(
+        None, description="Hub dataset only: branch, tag or commit to read; default main. The run pins the commit it "
+                          "points to at the start, so every step and retry reads the same data")
     eval_fraction: float = Field(0.1, gt=0, lt=1, description="share of examples held out for eval loss")
 
 

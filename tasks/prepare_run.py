@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from dataclasses import asdict
 from pathlib import Path
 
 from prefect import get_run_logger, task
@@ -16,7 +17,7 @@ from adapterflow.init_methods import is_pissa
 from adapterflow.redaction import redact
 from adapterflow.runtime.run_dir import RunDir, read_json, write_json
 from adapterflow.tasks.retries import RESULT_OPTIONS, RETRY_OPTIONS
-from adapterflow.tasks.run_plan import (ParameterError, RunPlan, check_run, dataset_record, launch_settings,
+from adapterflow.tasks.run_plan import (ParameterError, RunPlan, check_run, launch_settings,
                                         training_settings)
 
 __all__ = ["ParameterError", "claim_output_dir", "prepare_run"]
@@ -38,7 +39,7 @@ def prepare_run(params: SaveAdapterParameters, run_name: str) -> RunPlan:
     plan = RunPlan(
         run_dir=str(run.root), adapter_name=params.adapter.name, base_model_path=str(checked.base_path),
         dtype=params.base_model.dtype, dataset_path=checked.dataset.path,
-        dataset_fingerprint=dataset_fingerprint(checked.dataset), dataset=dataset_record(checked.dataset),
+        dataset_fingerprint=dataset_fingerprint(checked.dataset), dataset=asdict(checked.dataset),
         eval_fraction=params.dataset.eval_fraction,
         max_seq_len=params.training.max_seq_len, lora_config=checked.config.to_dict(),
         training=training_settings(params, checked), launch=launch_settings(params), output_dir=str(output_dir),

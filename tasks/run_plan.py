@@ -9,7 +9,7 @@ import math
 import os
 import re
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal, Optional, Union
 
@@ -24,6 +24,7 @@ from adapterflow.flows.parameters import (BUILTIN_PREFIX, ParameterError, SaveAd
 from adapterflow.model_references import is_hub_dataset_id, is_hub_model_id
 from adapterflow.init_methods import is_randomized_pissa
 from adapterflow.redaction import redact_text
+from adapterflow.runtime.data_sources import hub_commit
 from adapterflow.runtime.run_dir import RunDir
 from adapterflow.runtime.training import TrainingSettings
 
@@ -100,6 +101,9 @@ def check_run(params: SaveAdapterParameters) -> CheckedRun:
         base_name = str(local_path(base_name))  # a relative folder is in the current directory
     base_path = _check(problems, "base_model.name_or_path", lambda: resolve_base_model(base_name))
     dataset = _check(problems, "dataset.chat_template", lambda: data_spec(params))
+    if dataset is not None and is_hub_dataset_id(dataset.path):  # one commit for the whole run
+        dataset = _check(problems, "dataset.path", lambda: replace(dataset, revision=hub_commit(dataset.path,
+                                                                                                dataset.revision)))
     examples = _check(problems, "dataset.path", lambda: load_examples(dataset)) if dataset else None
     # Adapters name their base as others can find it: a Hub id stays a Hub id, a local base is its folder.
     is_hub_id = base_path is not None and is_hub_model_id(params.base_model.name_or_path)
@@ -143,11 +147,6 @@ def data_spec(params: SaveAdapterParameters) -> DataSpec:
         path = str(local_path(path))
     fields = settings.model_dump(exclude={"eval_fraction"})
     return DataSpec(**{**fields, "path": path, "chat_template": resolve_chat_template(settings.chat_template)})
-
-
-def dataset_record(spec: DataSpec) -> dict:
-    """RunPlan.dataset: the DataSpec's fields."""
-    return asdict(spec)
 
 
 def training_settings(params: SaveAdapterParameters, checked: CheckedRun) -> dict:

@@ -37,6 +37,7 @@ class DataSpec:
     completion_field: str = "completion"
     messages_field: str = "messages"
     chat_template: Optional[str] = None  # template text, or a file holding it (resolve_chat_template)
+    revision: Optional[str] = None  # Hub datasets: the branch, tag or commit to read (pin_revision makes it a commit)
 
     def fields(self) -> dict[str, str]:
         """Parameter name -> column name, in the order rows are told apart."""
@@ -71,7 +72,7 @@ def load_examples(spec: Union[DataSpec, str]) -> list[Example]:
             named), a wrong-typed value (line or row named), or no example at all.
     """
     spec = spec if isinstance(spec, DataSpec) else DataSpec(str(spec))
-    table = read_split(spec.path, spec.split)
+    table = read_split(spec.path, spec.split, spec.revision)
     columns = table.rows.column_names
     present = {parameter: column for parameter, column in spec.fields().items() if column in columns}
     if not present:
@@ -131,7 +132,9 @@ def _messages(value, parameter: str, column: str, table: Table, index: int) -> t
 
 def dataset_fingerprint(spec: Union[DataSpec, str]) -> str:
     """sha256 (hex) of the dataset's files (a Hub dataset: of its commit); see `data_sources.fingerprint`."""
-    return fingerprint(spec.path if isinstance(spec, DataSpec) else str(spec))
+    if isinstance(spec, DataSpec):
+        return fingerprint(spec.path, spec.revision)
+    return fingerprint(str(spec))
 
 
 def split_examples(examples: list[Example], eval_fraction: float, seed: int) -> tuple[list[Example], list[Example]]:

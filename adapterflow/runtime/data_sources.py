@@ -16,7 +16,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Literal
+from typing import Callable, Iterator, Literal, Optional
 
 from adapterflow.model_references import BUILTIN_PREFIX, DATA_SUFFIXES, is_hub_dataset_id
 
@@ -71,8 +71,8 @@ def classify(path: str) -> tuple[Kind, str]:
     return ("folder" if Path(path).is_dir() else "file"), path
 
 
-def read_split(path: str, split: str = "train") -> Table:
-    """The rows of `split` of the dataset `path` names.
+def read_split(path: str, split: str = "train", revision: Optional[str] = None) -> Table:
+    """The rows of `split` of the dataset `path` names (`revision`: a Hub dataset's branch, tag or commit).
 
     Raises:
         FileNotFoundError: the file does not exist, or the Hub dataset cannot be downloaded.
@@ -82,7 +82,7 @@ def read_split(path: str, split: str = "train") -> Table:
     kind, location = classify(path)
     with _quiet():
         if kind == "hub":
-            splits, table = _hub(location), Table(None, location, _row)
+            splits, table = _hub(location, revision), Table(None, location, _row)
         elif kind == "folder":
             splits, table = _saved_folder(Path(location)), Table(None, location, _row)
         else:
@@ -127,31 +127,46 @@ def _saved_folder(folder: Path) -> dict:
     return dict(loaded) if isinstance(loaded, datasets.DatasetDict) else {"train": loaded}
 
 
-def _hub(repo_id: str) -> dict:
+def _hub(repo_id: str, revision: Optional[str] = None) -> dict:
     import datasets
 
     try:
-        return dict(datasets.load_dataset(repo_id))
+        return dict(datasets.load_dataset(repo_id, revision=revision))
     except Exception as exc:  # noqa: BLE001 - any failure means: not available from this endpoint
         raise FileNotFoundError(
             f"Hub dataset {repo_id!r} could not be loaded from {datasets.config.HF_ENDPOINT} ({_reason(exc)}); check "
             f"the id, HF_ENDPOINT and HF_TOKEN, or download it and pass the local file or folder.") from None
 
 
-def fingerprint(path: str) -> str:
+def hub_commit(repo_id: str, revision: Optional[str] = None) -> str:
+    """The commit sha a Hub dataset's `revision` (default: main) points to now, so a run reads one fixed version.
+
+    Raises:
+        FileNotFoundError: the dataset or the revision cannot be found at HF_ENDPOINT.
+    """
+    import datasets
+    from huggingface_hub import HfApi
+
+    try:
+        return HfApi(endpoint=datasets.config.HF_ENDPOINT).dataset_info(repo_id, revision=revision).sha
+    except Exception as exc:  # noqa: BLE001 - not found, no access, no network: the dataset cannot be read
+        at = f" at revision {revision!r}" if revision else ""
+        raise FileNotFoundError(
+            f"Hub dataset {repo_id!r}{at} could not be found at {datasets.config.HF_ENDPOINT} ({_reason(exc)}); "
+            f"check the id, dataset.revision, HF_ENDPOINT and HF_TOKEN, or download it and pass the local file or "
+            f"folder.") from None
+
+
+def fingerprint(path: str, revision: Optional[str] = None) -> str:
     """A sha256 (hex) that is the same for the same data and changes when one byte does.
 
     Files (and builtin datasets): the sha256 of the file's bytes. `save_to_disk` folders: the sha256 of every
-    file's relative path and sha256, sorted. Hub datasets: the sha256 of `<repo id>@<commit sha>` of the
-    revision on the Hub now (a commit changes whenever a byte of any file does).
+    file's relative path and sha256, sorted. Hub datasets: the sha256 of `<repo id>@<commit sha>` of `revision`
+    (default: main) on the Hub now (a commit changes whenever a byte of any file does).
     """
     kind, location = classify(path)
     if kind == "hub":
-        import datasets
-        from huggingface_hub import HfApi
-
-        commit = HfApi(endpoint=datasets.config.HF_ENDPOINT).dataset_info(location).sha
-        return hashlib.sha256(f"{location}@{commit}".encode()).hexdigest()
+        return hashlib.sha256(f"{location}@{hub_commit(location, revision)}".encode()).hexdigest()
     root = Path(location)
     if root.is_file():
         return _sha256(root)

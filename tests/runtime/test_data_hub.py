@@ -63,3 +63,35 @@ def test_a_missing_hub_dataset_names_the_id_and_the_endpoint(hub):
         load_examples("tester/no-such-data")
     with pytest.raises(FileNotFoundError, match="data/train.jsonl not found"):  # a file path, not a repo id
         load_examples("data/train.jsonl")
+
+
+def test_a_pinned_revision_reads_the_same_data_after_a_new_commit(hub):
+    from adapterflow.runtime.data_sources import hub_commit
+
+    server, api = hub
+    commit = hub_commit("tester/chat-mini")
+    pinned = DataSpec("tester/chat-mini", prompt_field="q", completion_field="a", revision=commit)
+    before, fingerprint = load_examples(pinned), dataset_fingerprint(pinned)
+    buffer = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist([{"q": "New ->", "a": " row"}]), buffer)
+    api.upload_file(path_or_fileobj=buffer.getvalue(), path_in_repo="data/train-00000-of-00001.parquet",
+                    repo_id="tester/chat-mini", repo_type="dataset")
+    assert hub_commit("tester/chat-mini") != commit
+    assert load_examples(pinned) == before and dataset_fingerprint(pinned) == fingerprint
+    assert load_examples(DataSpec("tester/chat-mini", prompt_field="q", completion_field="a")) == [
+        Example("New ->", " row")]
+    with pytest.raises(FileNotFoundError, match=r"at revision 'no-such-branch'.*dataset.revision"):
+        hub_commit("tester/chat-mini", "no-such-branch")
+
+
+def test_the_run_plan_pins_the_commit_of_main(hub, tmp_path, monkeypatch):
+    """check_run (the pre-training checks every run makes) turns the branch into the commit it points to now."""
+    from adapterflow.flows.parameters import SaveAdapterParameters
+    from adapterflow.runtime.data_sources import hub_commit
+    from adapterflow.tasks.run_plan import check_run
+
+    monkeypatch.chdir(tmp_path)
+    params = SaveAdapterParameters(dataset={"path": "tester/chat-mini", "prompt_field": "q", "completion_field": "a"},
+                                   adapter={"init": "lora"}, runs_root=str(tmp_path / "runs"))
+    checked = check_run(params)
+    assert checked.dataset.revision == hub_commit("tester/chat-mini") and len(checked.dataset.revision) == 40
