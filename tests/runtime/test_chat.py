@@ -110,10 +110,10 @@ def test_chat_generator_regenerates_the_shipped_file(tmp_path):
     import subprocess
     import sys
 
-    from adapterflow.runtime.builtin import make_chat
+    from adapterflow.runtime.builtin import make_chat, make_instructions
 
     shipped = (BUILTIN_DIR / "chat.jsonl").read_bytes()
-    assert make_chat.render(make_chat.generate()) == shipped
+    assert make_instructions.render(make_chat.generate()) == shipped
     output = tmp_path / "chat.jsonl"
     subprocess.run([sys.executable, "-m", "adapterflow.runtime.builtin.make_chat", "--output", str(output)],
                    check=True, env={**os.environ, "PYTHONHASHSEED": "random"}, capture_output=True)

@@ -12,13 +12,11 @@ assistant turns. The output depends on SEED only: running this script again rege
 
 from __future__ import annotations
 
-import argparse
-import json
 import random
 import sys
 from pathlib import Path
 
-from adapterflow.runtime.builtin.make_instructions import TEMPLATES, _facts
+from adapterflow.runtime.builtin.make_instructions import TEMPLATES, _facts, write_or_check
 
 SEED = 4321
 OUTPUT = Path(__file__).with_name("chat.jsonl")
@@ -51,24 +49,8 @@ def generate(seed: int = SEED) -> list[dict]:
     return conversations
 
 
-def render(conversations: list[dict]) -> bytes:
-    """The file's bytes: one compact JSON object per line, keys in a fixed order, ASCII only."""
-    return "".join(json.dumps(c, ensure_ascii=True) + "\n" for c in conversations).encode("ascii")
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--output", type=Path, default=OUTPUT, help=f"where to write (default: {OUTPUT})")
-    parser.add_argument("--check", action="store_true", help="only compare with the existing file")
-    args = parser.parse_args(argv)
-    data = render(generate())
-    if args.check:
-        same = args.output.is_file() and args.output.read_bytes() == data
-        print(f"{args.output}: {'up to date' if same else 'DIFFERS from the generator output'}")
-        return 0 if same else 1
-    args.output.write_bytes(data)
-    print(f"wrote {len(data)} bytes, {len(data.splitlines())} conversations to {args.output}")
-    return 0
+    return write_or_check(argv, generate(), OUTPUT, __doc__.splitlines()[0])
 
 
 if __name__ == "__main__":

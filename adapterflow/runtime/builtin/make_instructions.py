@@ -113,24 +113,30 @@ def generate(seed: int = SEED) -> list[dict[str, str]]:
     return records
 
 
-def render(records: list[dict[str, str]]) -> bytes:
+def render(records: list[dict]) -> bytes:
     """The file's bytes: one compact JSON object per line, keys in a fixed order, ASCII only."""
     return "".join(json.dumps(r, ensure_ascii=True) + "\n" for r in records).encode("ascii")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--output", type=Path, default=OUTPUT, help=f"where to write (default: {OUTPUT})")
+def write_or_check(argv: list[str] | None, records: list[dict], output: Path, description: str) -> int:
+    """The command line of a builtin dataset generator: write `records` to --output, or with --check only compare
+    (exit 1 when the file differs)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--output", type=Path, default=output, help=f"where to write (default: {output})")
     parser.add_argument("--check", action="store_true", help="only compare with the existing file")
     args = parser.parse_args(argv)
-    data = render(generate())
+    data = render(records)
     if args.check:
         same = args.output.is_file() and args.output.read_bytes() == data
         print(f"{args.output}: {'up to date' if same else 'DIFFERS from the generator output'}")
         return 0 if same else 1
     args.output.write_bytes(data)
-    print(f"wrote {len(data)} bytes, {len(data.splitlines())} records to {args.output}")
+    print(f"wrote {len(data)} bytes, {len(data.splitlines())} lines to {args.output}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return write_or_check(argv, generate(), OUTPUT, __doc__.splitlines()[0])
 
 
 if __name__ == "__main__":
