@@ -78,7 +78,13 @@ def load_examples(spec: Union[DataSpec, str]) -> list[Example]:
     if not present:
         wanted = ", ".join(f"{p}={c!r}" for p, c in spec.fields().items())
         raise DatasetError(f"Dataset {table.name} has columns {columns}, none of {wanted}; set the parameter that "
-                           f"names your column, e.g. --set dataset.text_field={columns[0] if columns else 'text'}.")
+                           f"names your column: dataset.completion_field (with dataset.prompt_field) for "
+                           f"prompt/completion data, dataset.text_field for plain text, dataset.messages_field for "
+                           f"chat rows.")
+    if spec.prompt_field != DataSpec.prompt_field and spec.prompt_field not in columns:
+        # a prompt column the user named must exist: training on completions alone is another task
+        raise DatasetError(f"dataset.prompt_field={spec.prompt_field!r}: {table.name} has no such column (its "
+                           f"columns: {columns}); name one of them.")
     prompt_column = spec.prompt_field if spec.prompt_field in columns else None
     needed = list(dict.fromkeys([*present.values(), *([prompt_column] if prompt_column else [])]))
     data = table.rows.select_columns(needed).to_dict()  # column -> list: no per-row formatting, no cache files
@@ -104,7 +110,9 @@ def _example(row: dict, present: dict[str, str], prompt_column: Optional[str], t
             return Example(messages=_messages(value, parameter, column, table, index))
         if not isinstance(value, str):
             raise DatasetError(f"Dataset {table.name}, {table.where(index)}: column {column!r} ({parameter}) holds "
-                               f"{type(value).__name__}, expected a string.")
+                               f"{type(value).__name__}, expected a string (datasets typed the column from its "
+                               f"values); store it as text: e.g. convert the file to .jsonl or .parquet with string "
+                               f"values.")
         if table.lines_of_text:
             return Example("", value) if value.strip() else None
         if not value:

@@ -204,6 +204,8 @@ def _diagnose(file: Path, builder: str, exc: Exception) -> str:
                 json.loads("\n".join(text for _, text in lines))
             except json.JSONDecodeError as error:
                 return f"Dataset {file}, line {error.lineno}: not JSON ({error.msg}); fix the file."
+    if "corresponds to no data" in str(exc):  # datasets' wording for a file without rows (e.g. a header only)
+        return f"Dataset {file} holds no examples (no data rows); add rows to it."
     return f"Dataset {file} cannot be read as {builder} ({_reason(exc)}); check that the file is a valid {builder} file."
 
 

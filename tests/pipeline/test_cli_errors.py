@@ -64,7 +64,7 @@ CASES = [
     (["--set", "dataset.path=empty.jsonl"], ["empty.jsonl", "no examples"]),
     (["--set", "dataset.path=data.xml"], ["data.xml", "extension '.xml'", ".parquet"]),
     (["--set", "dataset.path=cols.csv"], ["dataset.path", "cols.csv has columns ['body']", "dataset.text_field='text'",
-                                          "--set dataset.text_field=body"]),
+                                          "dataset.text_field for plain text"]),
     (["--set", "dataset.path=cols.csv", "--set", "dataset.text_field=content"], ["dataset.text_field='content'"]),
     (["--set", "dataset.path=typed.jsonl"], ["typed.jsonl, line 2", "(dataset.text_field) holds int"]),
     (["--set", "dataset.path=data.jsonl", "--set", "dataset.split=test"],
