@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -22,10 +21,11 @@ from adapterflow.runtime.data import (DataSpec, DatasetError, load_examples, res
 from adapterflow.flows.parameters import (BUILTIN_PREFIX, ParameterError, SaveAdapterParameters, is_local_reference,
                                           local_path)
 from adapterflow.model_references import is_hub_dataset_id, is_hub_model_id
-from adapterflow.init_methods import is_randomized_pissa
 from adapterflow.redaction import redact_text
 from adapterflow.runtime.data_sources import hub_commit
 from adapterflow.runtime.run_dir import RunDir
+from adapterflow.tasks.parameter_checks import (combination_problems, device_for, distributed_problems,
+                                                precision_problems)
 from adapterflow.runtime.training import TrainingSettings
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -114,20 +114,23 @@ def check_run(params: SaveAdapterParameters) -> CheckedRun:
         _check(problems, "adapter.target_modules", lambda: plan_targets(_meta_model(base_path), config))
     n_train = 0
     if base_path is not None and examples is not None:
-        train_examples, _ = split_examples(examples, params.dataset.eval_fraction, params.training.seed)
+        splits = split_examples(examples, params.dataset.eval_fraction, params.training.seed)
         tokenizer = _check(problems, "base_model.name_or_path", lambda: _tokenizer(load_tokenizer, base_path))
-        tokenized = _check(problems, "dataset.chat_template", lambda: tokenize(
-            train_examples, tokenizer, params.training.max_seq_len, dataset.chat_template)) if tokenizer else None
-        n_train = len(tokenized or [])
-        if tokenized is not None and n_train == 0:
-            problems.append(f"dataset.path {dataset.path}: no example keeps a completion token within training."
-                            f"max_seq_len={params.training.max_seq_len}; raise training.max_seq_len.")
-    device = _device(problems, params.training.device)
-    problems += _precision_problems(params, device)
+        tokenized = _check(problems, "dataset.chat_template", lambda: [tokenize(
+            split, tokenizer, params.training.max_seq_len, dataset.chat_template) for split in splits]) \
+            if tokenizer else None
+        n_train = len(tokenized[0]) if tokenized else 0
+        if tokenized is not None and not (tokenized[0] and tokenized[1]):
+            problems.append(f"dataset.path {dataset.path}: {len(examples)} example(s), of which {n_train} train and "
+                            f"{len(tokenized[1])} held out (dataset.eval_fraction={params.dataset.eval_fraction}) keep "
+                            f"a completion token within training.max_seq_len={params.training.max_seq_len}; both "
+                            f"need at least one: add examples, or raise training.max_seq_len.")
+    device = device_for(problems, params.training.device)
+    problems += precision_problems(params, device)
     output_dir = local_path(params.save.output_dir) if params.save.output_dir else None
     problems += _folder_problems("save.output_dir", output_dir) if output_dir else []
     problems += _folder_problems("runs_root", local_path(params.runs_root))
-    problems += _combination_problems(params) + _distributed_problems(params.training, device)
+    problems += combination_problems(params) + distributed_problems(params.training, device)
     if problems:
         message = "Invalid parameters:\n" + "\n".join(f"  - {p}" for p in problems)
         raise ParameterError(redact_text(message))  # a base model URL may carry a password
@@ -205,41 +208,6 @@ def _meta_model(base_path: Path) -> torch.nn.Module:
         return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base_path))
 
 
-def _device(problems: list[str], device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        problems.append("training.device=cuda: no CUDA device is visible to torch on this machine "
-                        "(torch.cuda.is_available() is False); use training.device=auto or cpu.")
-    return device
-
-
-def _precision_problems(params: SaveAdapterParameters, device: str) -> list[str]:
-    """fp16 autocast needs CUDA (torch's CPU autocast is meant for bf16, and fp16 training needs the grad scaler);
-    fp16 training of fp16 base tensors (modules_to_save copies, biases) cannot be unscaled by torch's GradScaler."""
-    training, dtype = params.training, params.base_model.dtype
-    if training.precision != "fp16":
-        return []
-    if device != "cuda":
-        where = ("no CUDA device is visible to torch on this machine" if params.training.device != "cpu"
-                 else "training.device=cpu")
-        return [f"training.precision=fp16 needs a CUDA device ({where}); use training.precision=bf16 (CPU and "
-                f"CUDA) or fp32, or train on a machine with a GPU."]
-    if training.strategy == "fsdp" and training.num_processes * training.nnodes > 1:
-        return ["training.precision=fp16 with training.strategy=fsdp: torch.amp.GradScaler checks each rank's "
-                "gradient shards alone, so ranks could disagree on skipping a step; use training.precision=bf16, "
-                "or training.strategy=ddp."]
-    trains_base_tensors = params.adapter.modules_to_save or params.adapter.bias != "none"
-    if dtype == "float16" and trains_base_tensors:
-        return ["training.precision=fp16 with base_model.dtype=float16 trains float16 copies of base tensors "
-                "(adapter.modules_to_save / adapter.bias), which torch's GradScaler cannot unscale; use "
-                "base_model.dtype=float32, or training.precision=bf16."]
-    if dtype == "bfloat16":
-        return ["training.precision=fp16 with base_model.dtype=bfloat16 would cast every bfloat16 base weight to "
-                "float16 (a smaller range) in each matmul; use training.precision=bf16 with a bfloat16 base."]
-    return []
-
-
 def _folder_problems(parameter: str, folder: Path) -> list[str]:
     """A folder we will create or write into: not a file, no file on its path, writable where it starts."""
     ancestor = folder
@@ -256,42 +224,3 @@ def _folder_problems(parameter: str, folder: Path) -> list[str]:
     except OSError as exc:
         return [f"{parameter} {folder}: cannot create folders in {ancestor} ({exc.strerror}); pick another path."]
     return []
-
-
-def _combination_problems(params: SaveAdapterParameters) -> list[str]:
-    problems = []
-    if is_randomized_pissa(params.adapter.init) and not params.save.convert_pissa_to_lora:
-        problems.append(f"adapter.init={params.adapter.init} without save.convert_pissa_to_lora: reloading re-runs a "
-                        f"randomized SVD and gives another model, so verification would fail. Set "
-                        f"save.convert_pissa_to_lora=true, or use init 'pissa' (exact SVD).")
-    selected = params.save.selected_adapters
-    if selected is not None and selected != [params.adapter.name]:
-        problems.append(f"save.selected_adapters={selected}: this run trains one adapter, "
-                        f"{params.adapter.name!r}; use [{params.adapter.name!r}] or null.")
-    return problems
-
-
-_ENDPOINT = re.compile(r"^(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(?P<port>\d{1,5})$")
-
-
-def _distributed_problems(training, device: str) -> list[str]:
-    """training.num_processes / nnodes / rdzv_endpoint / batch_size fit together (torchrun's rules)."""
-    problems = []
-    world = training.num_processes * training.nnodes
-    if training.batch_size % world:
-        problems.append(f"training.batch_size={training.batch_size} is the global batch: it must be divisible by "
-                        f"training.num_processes x training.nnodes = {world} (each process takes an equal share); "
-                        f"use a multiple of {world}.")
-    endpoint = training.rdzv_endpoint
-    if training.nnodes > 1 and not endpoint:
-        problems.append(f"training.nnodes={training.nnodes} needs training.rdzv_endpoint: host:port of the first "
-                        f"node, reachable from every node (e.g. node1.example.org:29500).")
-    match = _ENDPOINT.match(endpoint) if endpoint else None
-    if endpoint and (match is None or not 0 < int(match["port"]) < 65536):
-        problems.append(f"training.rdzv_endpoint={endpoint!r} is not host:port (a host name or IP address, a colon, "
-                        f"a port 1-65535; IPv6 in brackets), e.g. node1.example.org:29500.")
-    if device == "cuda" and torch.cuda.is_available() and training.num_processes > torch.cuda.device_count():
-        problems.append(f"training.num_processes={training.num_processes}: this machine has "
-                        f"{torch.cuda.device_count()} CUDA devices, one per process; use at most that many, or "
-                        f"training.device=cpu.")
-    return problems

@@ -26,6 +26,7 @@ FILES = {
     "data.xml": "<rows/>\n",
     "cols.csv": "body\nhello\n",
     "typed.jsonl": '{"text": "ok"}\n{"text": 5}\n',
+    "one.jsonl": '{"prompt": "a", "completion": "b"}\n',
     "unstable.yaml": 'dataset:\n  path: builtin:chat\n  chat_template: "{{ messages | length }}{% for m in messages %}'
                      '{{ m.content }}{% endfor %}"\n',
     "config-missing-model/weights.bin": "x",
@@ -82,6 +83,10 @@ CASES = [
     (["--set", "base_model.name_or_path=no-tokenizer"], ["base_model.name_or_path", "no tokenizer files"]),
     (["--set", "adapter.target_modules=[nonexistent_proj]"], ["adapter.target_modules", "nonexistent_proj"]),
     (["--set", "training.max_seq_len=4"], ["training.max_seq_len=4", "raise training.max_seq_len"]),
+    (["--set", "dataset.path=one.jsonl"], ["one.jsonl: 1 example(s), of which 1 train and 0 held out", "add examples"]),
+    (["--set", "base_model.dtype=bfloat16"], ["base_model.dtype=bfloat16", "verification would fail",
+                                              "verify.atol"]),
+    (["--set", "training.rdzv_endpoint=localhost:29500"], ["only used with training.nnodes > 1"]),
     (["--set", "save.output_dir=a-file/adapter"], ["save.output_dir", "a-file", "is a file"]),
     (["--set", "save.output_dir=a-file"], ["save.output_dir", "existing file"]),
     (["--set", "runs_root=a-file"], ["runs_root", "existing file"]),

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from adapterflow.flows.parameters import SaveAdapterParameters
-from adapterflow.tasks.run_plan import _precision_problems
+from adapterflow.tasks.parameter_checks import precision_problems as _precision_problems
 from flow_helpers import artifacts, run_flow
 
 

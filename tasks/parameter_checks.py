@@ -1,0 +1,98 @@
+"""Checks of the parameters against each other and the machine (no file is read): device, precision, the
+pipeline's combinations, torchrun's rules. `run_plan.check_run` runs them with the checks of the files."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from adapterflow.flows.parameters import SaveAdapterParameters
+from adapterflow.init_methods import is_pissa, is_randomized_pissa
+
+
+def device_for(problems: list[str], device: str) -> str:
+    """The training device `auto` resolves to (a problem added when cuda is asked and absent)."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        problems.append("training.device=cuda: no CUDA device is visible to torch on this machine "
+                        "(torch.cuda.is_available() is False); use training.device=auto or cpu.")
+    return device
+
+
+def precision_problems(params: SaveAdapterParameters, device: str) -> list[str]:
+    """fp16 autocast needs CUDA (torch's CPU autocast is meant for bf16, and fp16 training needs the grad scaler);
+    fp16 training of fp16 base tensors (modules_to_save copies, biases) cannot be unscaled by torch's GradScaler."""
+    training, dtype = params.training, params.base_model.dtype
+    if training.precision != "fp16":
+        return []
+    if device != "cuda":
+        where = ("no CUDA device is visible to torch on this machine" if params.training.device != "cpu"
+                 else "training.device=cpu")
+        return [f"training.precision=fp16 needs a CUDA device ({where}); use training.precision=bf16 (CPU and "
+                f"CUDA) or fp32, or train on a machine with a GPU."]
+    if training.strategy == "fsdp" and training.num_processes * training.nnodes > 1:
+        return ["training.precision=fp16 with training.strategy=fsdp: torch.amp.GradScaler checks each rank's "
+                "gradient shards alone, so ranks could disagree on skipping a step; use training.precision=bf16, "
+                "or training.strategy=ddp."]
+    trains_base_tensors = params.adapter.modules_to_save or params.adapter.bias != "none"
+    if dtype == "float16" and trains_base_tensors:
+        return ["training.precision=fp16 with base_model.dtype=float16 trains float16 copies of base tensors "
+                "(adapter.modules_to_save / adapter.bias), which torch's GradScaler cannot unscale; use "
+                "base_model.dtype=float32, or training.precision=bf16."]
+    if dtype == "bfloat16":
+        return ["training.precision=fp16 with base_model.dtype=bfloat16 would cast every bfloat16 base weight to "
+                "float16 (a smaller range) in each matmul; use training.precision=bf16 with a bfloat16 base."]
+    return []
+
+
+def combination_problems(params: SaveAdapterParameters) -> list[str]:
+    """Parameters that work alone but not together in this pipeline."""
+    problems = []
+    converts = is_pissa(params.adapter.init) and params.save.convert_pissa_to_lora
+    if converts and params.base_model.dtype != "float32" and params.verify.atol is None:
+        # measured: bf16 tiny llama, 0.09 > the 5e-2 default atol of 16-bit bases
+        problems.append(f"adapter.init={params.adapter.init} with save.convert_pissa_to_lora and base_model.dtype="
+                        f"{params.base_model.dtype}: the trained model runs on the residual base W - B0A0 rounded to "
+                        f"{params.base_model.dtype}, the converted adapter on the original W, so their logits differ "
+                        f"by about 0.1 and verification would fail after training. Use base_model.dtype=float32, "
+                        f"adapter.init=lora, or accept the rounding with verify.atol (e.g. 0.2).")
+    if is_randomized_pissa(params.adapter.init) and not params.save.convert_pissa_to_lora:
+        problems.append(f"adapter.init={params.adapter.init} without save.convert_pissa_to_lora: reloading re-runs a "
+                        f"randomized SVD and gives another model, so verification would fail. Set "
+                        f"save.convert_pissa_to_lora=true, or use init 'pissa' (exact SVD).")
+    selected = params.save.selected_adapters
+    if selected is not None and selected != [params.adapter.name]:
+        problems.append(f"save.selected_adapters={selected}: this run trains one adapter, "
+                        f"{params.adapter.name!r}; use [{params.adapter.name!r}] or null.")
+    return problems
+
+
+_ENDPOINT = re.compile(r"^(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(?P<port>\d{1,5})$")
+
+
+def distributed_problems(training, device: str) -> list[str]:
+    """training.num_processes / nnodes / rdzv_endpoint / batch_size fit together (torchrun's rules)."""
+    problems = []
+    world = training.num_processes * training.nnodes
+    if training.batch_size % world:
+        problems.append(f"training.batch_size={training.batch_size} is the global batch: it must be divisible by "
+                        f"training.num_processes x training.nnodes = {world} (each process takes an equal share); "
+                        f"use a multiple of {world}.")
+    endpoint = training.rdzv_endpoint
+    if training.nnodes > 1 and not endpoint:
+        problems.append(f"training.nnodes={training.nnodes} needs training.rdzv_endpoint: host:port of the first "
+                        f"node, reachable from every node (e.g. node1.example.org:29500).")
+    if training.nnodes == 1 and endpoint:
+        problems.append(f"training.rdzv_endpoint={endpoint!r} is only used with training.nnodes > 1 (one node "
+                        f"starts its own rendezvous); remove it, or set training.nnodes.")
+    match = _ENDPOINT.match(endpoint) if endpoint else None
+    if endpoint and (match is None or not 0 < int(match["port"]) < 65536):
+        problems.append(f"training.rdzv_endpoint={endpoint!r} is not host:port (a host name or IP address, a colon, "
+                        f"a port 1-65535; IPv6 in brackets), e.g. node1.example.org:29500.")
+    if device == "cuda" and torch.cuda.is_available() and training.num_processes > torch.cuda.device_count():
+        problems.append(f"training.num_processes={training.num_processes}: this machine has "
+                        f"{torch.cuda.device_count()} CUDA devices, one per process; use at most that many, or "
+                        f"training.device=cpu.")
+    return problems
