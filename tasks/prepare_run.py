@@ -15,6 +15,7 @@ from adapterflow.runtime.data import dataset_fingerprint
 from adapterflow.flows.parameters import SaveAdapterParameters, local_path
 from adapterflow.init_methods import is_pissa
 from adapterflow.redaction import redact
+from adapterflow.runtime.checkpoints import Checkpoints
 from adapterflow.runtime.run_dir import RunDir, read_json, write_json
 from adapterflow.tasks.retries import RESULT_OPTIONS, RETRY_OPTIONS
 from adapterflow.tasks.run_plan import (ParameterError, RunPlan, check_run, launch_settings,
@@ -48,8 +49,10 @@ def prepare_run(params: SaveAdapterParameters, run_name: str) -> RunPlan:
         atol=params.verify.atol or (1e-4 if params.base_model.dtype == "float32" else 5e-2),
         parameters=params.model_dump(mode="json"),
     )
+    record = redact(plan.model_dump(mode="json"))  # no token or URL password on disk
+    _refuse_changed_rerun(run, record, run_name)
     run.root.mkdir(parents=True, exist_ok=True)
-    write_json(run.plan, redact(plan.model_dump(mode="json")))  # no token or URL password on disk
+    write_json(run.plan, record)
     get_run_logger().info("Run directory %s; %d training examples", run.root, checked.n_train)
     return plan
 
@@ -86,3 +89,44 @@ def claim_output_dir(output_dir: Path, run: RunDir, claims_dir: Path, if_exists:
 
 def _holds_adapter(folder: Path) -> bool:
     return folder.is_dir() and any(folder.glob(f"**/{formats.CONFIG_NAME}"))
+
+
+# What a rerun may change and still resume its checkpoints: where and how fast it runs, not what it trains.
+_RESUMABLE_CHANGES = {"training.device", "training.checkpoint_every", "training.keep_checkpoints",
+                      "training.log_every", "training.gradient_checkpointing", "training.precision"}
+_TRAINED_FIELDS = ("adapter_name", "base_model_path", "dtype", "dataset_fingerprint", "dataset", "eval_fraction",
+                   "max_seq_len", "lora_config", "training")
+
+
+def _refuse_changed_rerun(run: RunDir, record: dict, run_name: str) -> None:
+    """A rerun of a run that has trained (an initial adapter or a checkpoint) resumes it, so it must train the same
+    thing: refuse, before anything is written, a rerun whose adapter, data, base or schedule differ.
+
+    Raises:
+        ParameterError: the differences listed, with the fix.
+    """
+    if not run.plan.is_file() or not (run.initial.exists() or Checkpoints(run.checkpoints).complete()):
+        return
+    before = read_json(run.plan)
+    changes = [f"{key}: {old!r} -> {new!r}" for key, (old, new) in _differences(before, record).items()
+               if key not in _RESUMABLE_CHANGES]
+    if changes:
+        shown = "; ".join(changes[:8]) + ("; ..." if len(changes) > 8 else "")
+        raise ParameterError(
+            f"run_name={run_name!r} has already trained in {run.root} with other settings ({shown}), and a rerun "
+            f"resumes its checkpoints. Pick a new run_name, or delete {run.checkpoints} and {run.initial} to train "
+            f"this run again from the start.")
+
+
+def _differences(before: dict, after: dict) -> dict[str, tuple]:
+    """Dotted key -> (before, after) for the trained fields that differ (lora_config.r, training.steps, ...)."""
+    found = {}
+    for field in _TRAINED_FIELDS:
+        old, new = before.get(field), after.get(field)
+        if isinstance(old, dict) and isinstance(new, dict):
+            for key in sorted(set(old) | set(new)):
+                if old.get(key) != new.get(key):
+                    found[f"{field}.{key}"] = (old.get(key), new.get(key))
+        elif old != new:
+            found[field] = (old, new)
+    return found

@@ -1,0 +1,32 @@
+"""A rerun of a run that has trained resumes its checkpoints, so it may change where it runs but not what it
+trains: a changed adapter, schedule or dataset is refused by prepare-run before anything is written."""
+
+import json
+
+import pytest
+
+from flow_helpers import run_flow, task_runs
+
+pytestmark = pytest.mark.usefixtures("prefect_api")
+
+
+def test_a_rerun_with_other_training_settings_is_refused_and_writes_nothing(tmp_path):
+    runs = tmp_path / "runs"
+    first = run_flow(runs, run_name="same", adapter={"init": "lora"})
+    assert first.is_completed(), first.message
+    plan = (runs / "same" / "plan.json").read_bytes()
+    checkpoints = sorted(p.name for p in (runs / "same" / "checkpoints").iterdir())
+
+    changed = run_flow(runs, run_name="same", adapter={"init": "lora", "r": 2}, training={"steps": 6})
+    assert changed.is_failed()
+    message = str(changed.result(raise_on_failure=False))
+    assert "run_name='same' has already trained" in message and "lora_config.r: 4 -> 2" in message
+    assert "training.steps: 8 -> 6" in message and "Pick a new run_name" in message
+    assert task_runs(changed, "prepare-run")["prepare-run"].run_count == 1  # a user error: not retried
+    assert (runs / "same" / "plan.json").read_bytes() == plan
+    assert sorted(p.name for p in (runs / "same" / "checkpoints").iterdir()) == checkpoints
+
+    # where and how it runs may change: the rerun resumes (here: finds the training done) and completes
+    again = run_flow(runs, run_name="same", adapter={"init": "lora"}, training={"keep_checkpoints": 3})
+    assert again.is_completed(), again.message
+    assert json.loads((runs / "same" / "training.json").read_text())["resumed_from"] == 8
