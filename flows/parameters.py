@@ -139,6 +139,13 @@ class TrainingParameters(_Section):
     seed: int = 0
     checkpoint_every: int = Field(50, ge=1, description="optimizer steps between resumable checkpoints")
     keep_checkpoints: int = Field(2, ge=1, description="newest checkpoints kept (each a PEFT adapter folder)")
+    log_every: Optional[int] = Field(
+        None, ge=1, description="optimizer steps between metric points (loss, learning_rate, grad_norm, epoch) in "
+                                "MLflow, the Prefect task log and the terminal; default: steps // 50, at least 1 "
+                                "(about 50 points per run)")
+    eval_every: Optional[int] = Field(
+        None, ge=1, description="optimizer steps between eval_loss evaluations during training (each one pass over "
+                                "the held-out examples); default: only before and after training")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     num_processes: int = Field(1, ge=1, description="training processes per node; more than 1 runs under torchrun "
                                                     "(one GPU each on CUDA); batch_size stays the global batch")
