@@ -8,11 +8,10 @@ import json
 
 import pytest
 
-from adapterflow import LoraConfig
-from adapterflow.runtime.base_models import resolve_base_model
 from adapterflow.runtime.metrics_log import MetricsFile, read_history, tail
 from adapterflow.runtime.progress import StepMetrics, TrainingObserver, record_steps, window_mean
-from adapterflow.runtime.train_job import TrainingJob, run_training_job
+from adapterflow.runtime.train_job import run_training_job
+from tiny import training_job
 
 STEPS, LOG_EVERY, EVAL_EVERY = 7, 3, 4
 
@@ -42,17 +41,6 @@ class Recorder(TrainingObserver):
         return [e for e in self.events if e[0] == kind]
 
 
-def make_job(run_dir, **training) -> TrainingJob:
-    base = str(resolve_base_model("builtin:tiny-llama"))
-    config = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM",
-                        base_model_name_or_path=base)
-    settings = dict(steps=STEPS, batch_size=4, gradient_accumulation_steps=2, checkpoint_every=4, log_every=LOG_EVERY,
-                    eval_every=EVAL_EVERY, max_grad_norm=1e-3, warmup_steps=2, device="cpu", **training)
-    return TrainingJob(run_dir=str(run_dir), adapter_name="default", base_model_path=base, dtype="float32",
-                       dataset={"path": "builtin:instructions"}, eval_fraction=0.02, max_seq_len=24,
-                       lora_config=config.to_dict(), training=settings)
-
-
 def test_record_steps_and_window_means():
     assert record_steps(7, 3) == [3, 6, 7] and record_steps(8, 1) == list(range(1, 9)) and record_steps(5, 50) == [5]
     losses = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]
@@ -60,7 +48,8 @@ def test_record_steps_and_window_means():
 
 
 def test_interrupted_and_resumed_training_reports_each_step_once(tmp_path):
-    job = make_job(tmp_path / "run")
+    job = training_job(tmp_path / "run", steps=STEPS, log_every=LOG_EVERY, eval_every=EVAL_EVERY, checkpoint_every=4,
+                       max_grad_norm=1e-3)
     crashed = Recorder(stop_at=7)  # after the checkpoint at step 4 and the record at step 6
     with pytest.raises(KeyboardInterrupt):
         run_training_job(job, log=lambda line: None, observer=crashed)
