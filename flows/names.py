@@ -231,10 +231,11 @@ def mlflow_run_name(label: str, essentials: str) -> str:
 def logged_model_name(registered_name: str, label: Optional[str], flow_run_id: str) -> str:
     """The run's LoggedModel name, distinct per flow run: `<registered name>-<label>-<first 8 characters of the
     flow run id>`, e.g. default-tiny-llama-rational-inchworm-3f2a9c1d. The label (the Prefect flow run's name) is
-    made MLflow-safe ("." -> "_", other refused characters -> "-"); the result passes
+    made MLflow-safe ("." -> "_", other refused characters -> "-") and cut to DERIVED_NAME_MAX characters, the
+    registered name cut to what is left; the result passes
     `registered_model_name_problem` (MLflow's LoggedModel rule, MLFLOW_NAME_MAX characters)."""
-    suffix = "-".join(part for part in (_mlflow_safe(label or "").strip("-"), _mlflow_safe(flow_run_id[:HASH_CHARS]))
-                      if part)
+    label = _mlflow_safe(label or "")[:DERIVED_NAME_MAX].strip("-")
+    suffix = "-".join(part for part in (label, _mlflow_safe(flow_run_id[:HASH_CHARS])) if part)
     return f"{registered_name[:MLFLOW_NAME_MAX - len(suffix) - 1]}-{suffix}"
 
 

@@ -44,7 +44,10 @@ wait_healthy() {  # wait_healthy NAME URL
 
 up() {
   mkdir -p "$STACK_DIR"
-  start prefect-server "$BIN/prefect" server start --host 127.0.0.1 --port "$PREFECT_PORT"
+  # Log streaming on: `prefect deployment run ... --watch` then prints the flow's logs (the adapter folder and the
+  # MLflow and Hub links are its last lines), not only state events; both settings default to false.
+  PREFECT_SERVER_LOGS_STREAM_OUT_ENABLED=true PREFECT_SERVER_LOGS_STREAM_PUBLISHING_ENABLED=true \
+    start prefect-server "$BIN/prefect" server start --host 127.0.0.1 --port "$PREFECT_PORT"
   MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false start mlflow "$BIN/mlflow" server \
     --backend-store-uri "sqlite:///$STACK_DIR/mlflow.db" --artifacts-destination "$STACK_DIR/mlartifacts" \
     --host 127.0.0.1 --port "$MLFLOW_PORT" --workers 1

@@ -16,7 +16,9 @@ from prefect.runtime import flow_run
 from prefect.states import Completed
 
 from adapterflow.redaction import install_log_redaction
-from adapterflow.runtime.data import load_examples, resolve_dataset, split_examples
+from adapterflow.runtime.chat import chat_prompt
+from adapterflow.runtime.data import load_examples, split_examples
+from adapterflow.runtime.data_sources import classify
 from adapterflow.runtime.metrics_log import read_history
 from adapterflow.runtime.run_dir import read_json
 from adapterflow.flows.parameters import MlflowSettings, SaveAdapterParameters, local_path
@@ -66,10 +68,16 @@ def log_to_mlflow(plan: RunPlan, settings: MlflowSettings, saved: dict, verifica
 
 def prompt_examples(plan: RunPlan, count: int = 2) -> list[str]:
     """Prompts of held-out examples (the training data's format, e.g. "Repeat: red map ->"), for the model's
-    input example; text-only datasets give the start of a text. [] when the dataset cannot be read."""
+    input example; chat data gives the conversation up to its first assistant turn through the chat template;
+    text-only datasets give the start of a text. [] when the dataset cannot be read."""
+    spec = plan.data_spec()
     try:
-        _, held_out = split_examples(load_examples(plan.dataset_path), plan.eval_fraction,
-                                     plan.training_settings().seed)
+        _, held_out = split_examples(load_examples(spec), plan.eval_fraction, plan.training_settings().seed)
+        if any(example.messages for example in held_out[:count]):
+            from adapterflow.runtime.base_models import load_tokenizer
+
+            tokenizer = load_tokenizer(plan.base_model_path)
+            return [chat_prompt(example.messages, tokenizer, spec.chat_template) for example in held_out[:count]]
     except (OSError, ValueError):
         return []
     return [example.prompt or " ".join(example.completion.split()[:6]) for example in held_out[:count]]
@@ -77,7 +85,8 @@ def prompt_examples(plan: RunPlan, count: int = 2) -> list[str]:
 
 def _dataset_file(plan: RunPlan) -> str | None:
     try:
-        return str(resolve_dataset(plan.dataset_path))
+        kind, location = classify(plan.dataset_path)
+        return location if kind in ("builtin", "file") else None
     except (OSError, ValueError):
         return None
 

@@ -57,7 +57,10 @@ class AdapterTextGenerator(PythonModel):
         temperature = float(params.get("temperature") or 0.0)
         outputs = []
         for prompt in _prompts(model_input):
-            encoded = self.tokenizer(prompt, return_tensors="pt")
+            # A prompt rendered by a chat template (the input example of chat data) already starts with <bos>.
+            bos = self.tokenizer.bos_token
+            encoded = self.tokenizer(prompt, return_tensors="pt",
+                                     add_special_tokens=not (bos and prompt.startswith(bos)))
             sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
             with torch.no_grad():
                 generated = self.model.generate(**encoded, max_new_tokens=max_new_tokens,

@@ -103,6 +103,21 @@ def tokenize_chat(messages: Sequence[Message], tokenizer, chat_template: Optiona
     return input_ids, labels
 
 
+def chat_prompt(messages: Sequence[Message], tokenizer, chat_template: Optional[str] = None) -> str:
+    """The text a model trained on this chat data is prompted with: the conversation up to its first assistant
+    turn, rendered with the chat template and its generation prompt (the format `tokenize_chat` trained on).
+
+    Raises:
+        DatasetError: the template fails on the conversation.
+    """
+    conversation = []
+    for role, content in messages:
+        if role == "assistant":
+            break
+        conversation.append({"role": role, "content": content})
+    return _render(tokenizer, conversation, chat_template, generation_prompt=True)
+
+
 def _render(tokenizer, conversation: list[dict], chat_template: Optional[str], generation_prompt: bool) -> str:
     try:
         return tokenizer.apply_chat_template(conversation, chat_template=chat_template, tokenize=False,

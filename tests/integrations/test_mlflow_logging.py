@@ -128,6 +128,8 @@ def test_logs_everything_readable_over_http(tracking, mlflow_server, base_model_
     assert tags["prefect.flow_run_id"] == inputs["flow_run_id"] and tags["prefect.flow_run_url"] == inputs["flow_run_url"]
     assert (tags["base_model"], tags["adapter.init"], tags["adapter.converted"]) == ("builtin:tiny-llama", "lora", "false")
     assert tags["mlflow.source.name"] == "adapterflow.flows.save_adapter" and tags["mlflow.user"]
+    experiment_tags = client.get_experiment(result["experiment_id"]).tags  # the UI's "Model training" view
+    assert experiment_tags["mlflow.experimentKind"] == "custom_model_development"
     assert (tags["adapter.r"], tags["adapter.saved_r"]) == ("4", "4") and "adapter.conversion" not in tags
     prefect_link = f"[rational-inchworm]({inputs['flow_run_url']})"
     assert prefect_link in tags["mlflow.note.content"] and "eval loss: 3.4 before training, 1.1 after" in \

@@ -78,6 +78,9 @@ def test_deployment_run_with_watch(stack):
     config = json.loads((adapter / "adapter_config.json").read_text())
     assert config["r"] == 8 and config["init_lora_weights"] is True  # TINY's PiSSA r=4, converted to LoRA r=8
     assert (adapter / "adapter_model.safetensors").stat().st_size > 0
+    watched = "".join(result.stdout.split())  # --watch prints the flow's logs, wrapped to the terminal width
+    assert f"Adapter:{adapter}" in watched and "MLflowrun:http://127.0.0.1:" in watched  # its last lines
+    assert "MLflowmodelversion:http://127.0.0.1:" in watched
     keys = subprocess.run([BIN / "python", "-c", (
         "import sys; from prefect.client.orchestration import get_client;"
         "from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId;"

@@ -105,6 +105,22 @@ def test_registered_model_rule_is_mlflows_two_rules(name):
     assert (registered_model_name_problem(name) is None) == (mlflow_ok and len(name) <= 256)
 
 
+@pytest.mark.parametrize("label", ["rational-inchworm", "my.run.v2", "a:b/c%d", "", None, "x" * 300])
+def test_logged_model_and_run_names_stay_valid(label):
+    """The per-run names built from the flow run's name: MLflow accepts them, and they differ between runs."""
+    from mlflow.utils.validation import _validate_logged_model_name
+
+    from adapterflow.flows.names import logged_model_name, mlflow_run_name
+
+    names = {logged_model_name("d" * 250, label, run_id) for run_id in ("3f2a9c1d-aaaa", "77e01b2c-bbbb")}
+    assert len(names) == 2
+    for name in names:
+        assert _mlflow_accepts(_validate_logged_model_name, name) and len(name) <= 256
+        assert registered_model_name_problem(name) is None
+    run_name = mlflow_run_name(label or "", "pissa r8")
+    assert len(run_name) <= 250 and run_name.endswith("pissa r8")
+
+
 @pytest.mark.parametrize("name", ["candidate", "champion_2", "latest", "LATEST", "v3", "V12", "v1a", "my alias",
                                   "a.b", "", "a" * 255, "a" * 256, "ünï"])
 def test_alias_rule_is_mlflows(name):

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from adapterflow.runtime.base_models import load_tokenizer, resolve_base_model
-from adapterflow.runtime.chat import resolve_chat_template, tokenize_chat
+from adapterflow.runtime.chat import chat_prompt, resolve_chat_template, tokenize_chat
 from adapterflow.runtime.data import BUILTIN_DIR, IGNORE_INDEX, DatasetError, Example, tokenize
 
 CONVERSATION = (("system", "Be brief."), ("user", "Next number after 4"), ("assistant", "5"),
@@ -118,3 +118,12 @@ def test_chat_generator_regenerates_the_shipped_file(tmp_path):
     subprocess.run([sys.executable, "-m", "adapterflow.runtime.builtin.make_chat", "--output", str(output)],
                    check=True, env={**os.environ, "PYTHONHASHSEED": "random"}, capture_output=True)
     assert output.read_bytes() == shipped and make_chat.main(["--check"]) == 0
+
+
+def test_the_chat_prompt_is_the_conversation_up_to_the_first_assistant_turn(tokenizer):
+    messages = CONVERSATION
+    assert chat_prompt(messages, tokenizer) == "<s><|system|>\nBe brief.\n<|user|>\nNext number after 4\n<|assistant|>\n"
+    # what training saw before the first assistant token is exactly this prompt
+    ids, labels = tokenize_chat(messages, tokenizer)
+    first = next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
+    assert tokenizer.encode(chat_prompt(messages, tokenizer), add_special_tokens=False) == ids[:first]
