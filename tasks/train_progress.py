@@ -13,6 +13,7 @@ process, or replayed from `<run>/metrics.jsonl` under torchrun):
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import time
 from typing import Iterator, Optional
@@ -74,8 +75,11 @@ class TerminalProgress(TrainingObserver):
         from tqdm import tqdm
         from tqdm.contrib.logging import logging_redirect_tqdm
 
+        # A terminal without a size (a pty that nobody sized, e.g. `script` run from a pipe) has 0 rows and
+        # columns, which makes tqdm print nothing (it takes the bar for a hidden one); then assume 100 x 24.
+        sized = min(_size(self.stream)) > 0
         self.bar = tqdm(total=steps, initial=start_step, desc="training", unit="step", file=self.stream,
-                        dynamic_ncols=True)
+                        dynamic_ncols=sized, ncols=None if sized else 100, nrows=None if sized else 24)
         self._redirect = logging_redirect_tqdm()  # console log lines go above the bar, not through it
         self._redirect.__enter__()
 
@@ -92,6 +96,13 @@ class TerminalProgress(TrainingObserver):
             self._redirect.__exit__(None, None, None)
             self.bar.close()
             self.bar = None
+
+
+def _size(stream) -> tuple[int, int]:
+    try:
+        return tuple(os.get_terminal_size(stream.fileno()))
+    except (OSError, ValueError, AttributeError):
+        return 0, 0
 
 
 class MlflowForward(TrainingObserver):
