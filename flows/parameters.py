@@ -153,7 +153,7 @@ class TrainingParameters(_Section):
                                                                "or fsdp (fully_shard, FSDP2)")
     nnodes: int = Field(1, ge=1, description="machines; each runs torchrun with the same rdzv_endpoint (README)")
     rdzv_endpoint: Optional[str] = Field(None, description="host:port of torchrun's c10d rendezvous (on the first "
-                                                           "node), required when nnodes > 1")
+                                                           "node), required when nnodes is 2 or more")
     precision: Literal["fp32", "bf16", "fp16"] = Field(
         "fp32", description="autocast dtype of the training forward: fp32 (none), bf16 (CPU and CUDA), fp16 (CUDA "
                             "only, with a grad scaler); adapter weights stay fp32, base weights keep base_model.dtype")

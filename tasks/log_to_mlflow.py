@@ -110,7 +110,10 @@ def mlflow_run_hook(status: str):
     def end_mlflow_run_hook(flow, flow_run, state) -> None:
         with warnings.catch_warnings():  # the parameters warned once already, when the run started
             warnings.simplefilter("ignore")
-            config = SaveAdapterParameters.model_validate((flow_run.parameters or {}).get("config") or {})
+            try:
+                config = SaveAdapterParameters.model_validate((flow_run.parameters or {}).get("config") or {})
+            except ValueError:  # parameters that never got as far as training: no MLflow run to end
+                return
         end_mlflow_run(config, str(flow_run.id), status, fast=True)
 
     return end_mlflow_run_hook
