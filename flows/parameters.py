@@ -142,6 +142,13 @@ class TrainingParameters(_Section):
     seed: int = 0
     checkpoint_every: int = Field(50, ge=1, description="optimizer steps between resumable checkpoints")
     keep_checkpoints: int = Field(2, ge=1, description="newest checkpoints kept (each a PEFT adapter folder)")
+    log_every: Optional[int] = Field(
+        None, ge=1, description="optimizer steps between metric points (loss, learning_rate, grad_norm, epoch) in "
+                                "MLflow, the Prefect task log and the terminal; default: steps // 50, at least 1 "
+                                "(about 50 points per run)")
+    eval_every: Optional[int] = Field(
+        None, ge=1, description="optimizer steps between eval_loss evaluations during training (each one pass over "
+                                "the held-out examples); default: only before and after training")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     num_processes: int = Field(1, ge=1, description="training processes per node; more than 1 runs under torchrun "
                                                     "(one GPU each on CUDA); batch_size stays the global batch")
@@ -149,7 +156,7 @@ class TrainingParameters(_Section):
                                                                "or fsdp (fully_shard, FSDP2)")
     nnodes: int = Field(1, ge=1, description="machines; each runs torchrun with the same rdzv_endpoint (README)")
     rdzv_endpoint: Optional[str] = Field(None, description="host:port of torchrun's c10d rendezvous (on the first "
-                                                           "node), required when nnodes > 1")
+                                                           "node), required when nnodes is 2 or more")
     precision: Literal["fp32", "bf16", "fp16"] = Field(
         "fp32", description="autocast dtype of the training forward: fp32 (none), bf16 (CPU and CUDA), fp16 (CUDA "
                             "only, with a grad scaler); adapter weights stay fp32, base weights keep base_model.dtype")

@@ -14,7 +14,7 @@ from adapterflow.flows.parameters import SaveAdapterParameters
 from adapterflow.tasks.convert_pissa_to_lora import convert_pissa_to_lora_task
 from adapterflow.tasks.extract_adapter import extract_adapter
 from adapterflow.tasks.flow_report import flow_run_tags, report, saved_as, tag_flow_run
-from adapterflow.tasks.log_to_mlflow import log_to_mlflow
+from adapterflow.tasks.log_to_mlflow import end_mlflow_run, log_to_mlflow, mlflow_run_hook
 from adapterflow.tasks.prepare_run import prepare_run
 from adapterflow.tasks.push_to_hub import push_to_hub
 from adapterflow.tasks.save_adapter import save_adapter as save_adapter_files
@@ -22,17 +22,20 @@ from adapterflow.tasks.train_adapter import train_adapter
 from adapterflow.tasks.verify_adapter import verify_adapter_task
 
 
-@flow(name="save-adapter", log_prints=True)
+@flow(name="save-adapter", log_prints=True, on_failure=[mlflow_run_hook("FAILED")],
+      on_crashed=[mlflow_run_hook("KILLED")], on_cancellation=[mlflow_run_hook("KILLED")])
 def save_adapter(config: SaveAdapterParameters = SaveAdapterParameters()) -> dict:
     """Fine-tune a LoRA / PiSSA adapter and publish exactly the adapter.
 
     Returns a summary: run and adapter folders, eval loss before/after, verification result, flow run id, the
-    MLflow and Hub results. Also shown as the run's `run-summary` artifact and its last log lines.
+    MLflow and Hub results. Also shown as the run's `run-summary` artifact and its last log lines. The MLflow run
+    starts with the training and ends after the last step (FAILED / KILLED by the state hooks when the flow fails,
+    crashes or is cancelled).
     """
     tag_flow_run(flow_run.get_id(), flow_run_tags(config))
     run_name = config.run_name or flow_run.get_id()
     plan = prepare_run(config, run_name)
-    training = train_adapter(plan)
+    training = train_adapter(plan, config.mlflow, flow_run.get_id())
     extracted = extract_adapter(plan)
     source = _result(convert_pissa_to_lora_task(plan, extracted))
     saved = save_adapter_files(plan, source)
@@ -52,6 +55,7 @@ def save_adapter(config: SaveAdapterParameters = SaveAdapterParameters()) -> dic
         "hub": pushed,
     }
     report(summary, flow_run.get_name())
+    end_mlflow_run(config, flow_run.get_id())
     return summary
 
 

@@ -57,7 +57,7 @@ with get_client(sync_client=True) as prefect:
 run_page = f"{mlflow_uri}/#/experiments/{experiment}/runs/{run.info.run_id}"
 for name, url in [("mlflow-runs", f"{mlflow_uri}/#/experiments/{experiment}/runs|click:Model training"),
                   ("mlflow-run", run_page),
-                  ("mlflow-train-loss", f"{run_page}/model-metrics|type:Search metric charts=train_loss"),
+                  ("mlflow-train-loss", f"{run_page}/model-metrics|type:Search metric charts=loss"),
                   ("mlflow-models", f"{mlflow_uri}/#/experiments/{experiment}/models"),
                   ("mlflow-model-version", f"{mlflow_uri}/#/models/{quote(version.name)}/versions/{version.version}"),
                   ("prefect-flow-run", f"{prefect_ui}/runs/flow-run/{flow_run_id}"),

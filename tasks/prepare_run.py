@@ -93,7 +93,8 @@ def _holds_adapter(folder: Path) -> bool:
 
 # What a rerun may change and still resume its checkpoints: where and how fast it runs, not what it trains.
 _RESUMABLE_CHANGES = {"training.device", "training.checkpoint_every", "training.keep_checkpoints",
-                      "training.log_every", "training.gradient_checkpointing", "training.precision"}
+                      "training.log_every", "training.eval_every", "training.gradient_checkpointing",
+                      "training.precision"}
 _TRAINED_FIELDS = ("adapter_name", "base_model_path", "dtype", "dataset_fingerprint", "dataset", "eval_fraction",
                    "max_seq_len", "lora_config", "training")
 

@@ -153,7 +153,8 @@ def data_spec(params: SaveAdapterParameters) -> DataSpec:
 
 
 def training_settings(params: SaveAdapterParameters, checked: CheckedRun) -> dict:
-    """The TrainingSettings fields, with steps (from epochs) and the device resolved."""
+    """The TrainingSettings fields, with steps (from epochs), the device and log_every (default: steps // 50, about
+    50 metric points per run, at least 1) resolved."""
     training = params.training
     steps = training.steps
     if steps is None:
@@ -165,7 +166,8 @@ def training_settings(params: SaveAdapterParameters, checked: CheckedRun) -> dic
                 warmup_steps=min(training.warmup_steps, steps), seed=training.seed,
                 checkpoint_every=training.checkpoint_every, keep_checkpoints=training.keep_checkpoints,
                 device=checked.device, precision=training.precision,
-                gradient_checkpointing=training.gradient_checkpointing)
+                gradient_checkpointing=training.gradient_checkpointing,
+                log_every=training.log_every or max(1, steps // 50), eval_every=training.eval_every or 0)
 
 
 def launch_settings(params: SaveAdapterParameters) -> dict:

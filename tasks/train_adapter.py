@@ -3,7 +3,8 @@
 With training.num_processes == 1 and training.nnodes == 1 the training job runs in this process; otherwise the
 task starts it under torchrun (`adapterflow.runtime.launch`) as a subprocess, streams its output into the task
 log and reads <run>/training.json back. Either way a failure is one failed attempt of this task (retried when
-transient), and a retry or a rerun resumes from the last checkpoint.
+transient), and a retry or a rerun resumes from the last checkpoint. While it trains, the task shows progress in
+Prefect, the terminal and the live MLflow run (adapterflow.tasks.train_progress).
 """
 
 from __future__ import annotations
@@ -12,9 +13,11 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_table_artifact
 
 from adapterflow.runtime.launch import run_torchrun
+from adapterflow.flows.parameters import MlflowSettings
 from adapterflow.runtime.train_job import TrainingJob, run_training_job
 from adapterflow.tasks.retries import RESULT_OPTIONS, RETRY_OPTIONS
 from adapterflow.tasks.run_plan import RunPlan
+from adapterflow.tasks.train_progress import training_display
 
 
 def training_job(plan: RunPlan) -> TrainingJob:
@@ -27,15 +30,17 @@ def training_job(plan: RunPlan) -> TrainingJob:
 
 
 @task(name="train-adapter", **RETRY_OPTIONS, **RESULT_OPTIONS)
-def train_adapter(plan: RunPlan) -> dict:
-    """Returns the training summary (also in <run>/training.json): steps, losses, eval loss before/after, tokens/s."""
+def train_adapter(plan: RunPlan, mlflow: MlflowSettings | None = None, flow_run_id: str | None = None) -> dict:
+    """Returns the training summary (also in <run>/training.json): steps, eval loss before/after, tokens/s, ...,
+    and `mlflow_live`: what the live MLflow run sent (None without `mlflow` or `flow_run_id`)."""
     logger = get_run_logger()
     job = training_job(plan)
-    if job.world_size == 1:
-        summary = run_training_job(job, logger.info)
-    else:
-        logger.info("Starting %d training processes on this node: %s", job.num_processes, job.path)
-        summary = run_torchrun(job, logger.info)
+    with training_display(plan, mlflow, flow_run_id, logger) as display:
+        if job.world_size == 1:
+            summary = run_training_job(job, logger.info, display.observer)
+        else:
+            logger.info("Starting %d training processes on this node: %s", job.num_processes, job.path)
+            summary = run_torchrun(job, logger.info, display.observer)
     create_table_artifact(
         key="training-summary",
         table=[{"metric": k, "value": _fmt(summary[k])} for k in (
@@ -44,7 +49,7 @@ def train_adapter(plan: RunPlan) -> dict:
             "gradient_checkpointing")],
         description=f"Training of adapter '{plan.adapter_name}' in {plan.run_dir}",
     )
-    return {k: v for k, v in summary.items() if k != "losses"}
+    return {**{k: v for k, v in summary.items() if k != "losses"}, "mlflow_live": display.mlflow}
 
 
 def _fmt(value) -> str:

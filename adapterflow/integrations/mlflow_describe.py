@@ -72,12 +72,31 @@ def run_tags(plan: dict, flow_run_id: str, flow_run_url: Optional[str], training
     return tags
 
 
+def training_tags(plan: dict, flow_run_id: str, flow_run_url: Optional[str],
+                  flow_run_name: Optional[str] = None) -> dict[str, str]:
+    """The tags of a run whose training is under way: `run_tags` without what only the finished run knows (the
+    saved rank, verification), and a description saying so; the log-to-mlflow step replaces them."""
+    tags = run_tags(plan, flow_run_id, flow_run_url, {}, {}, None, flow_run_name)
+    for key in ("adapter.saved_r", "verification.passed"):
+        tags.pop(key)
+    shape = tags.get("adapter.conversion") or f"{tags['adapter.init']} r={tags['adapter.r']}"
+    tags["mlflow.note.content"] = "\n".join([
+        f"Adapter `{tags['adapter.name']}` for `{tags['base_model']}`: {shape}.", "",
+        "- training: in progress (loss, learning_rate, grad_norm, epoch and eval_loss are logged as it runs); "
+        "eval loss, verification and the adapter's model follow when the flow's log-to-mlflow step completes the run",
+        f"- Prefect flow run: {_prefect_link(tags)}"])
+    return tags
+
+
+def _prefect_link(tags: dict) -> str:
+    if tags.get("prefect.flow_run_url"):
+        return f"[{tags.get('prefect.flow_run_name') or tags[FLOW_RUN_TAG]}]({tags['prefect.flow_run_url']})"
+    return f"`{tags.get('prefect.flow_run_name') or tags[FLOW_RUN_TAG]}` (id `{tags[FLOW_RUN_TAG]}`)"
+
+
 def description(tags: dict, training: dict, verification: dict) -> str:
     """The run's markdown description (the model version gets the same): what was trained, its result, links."""
-    if tags.get("prefect.flow_run_url"):
-        prefect = f"[{tags.get('prefect.flow_run_name') or tags[FLOW_RUN_TAG]}]({tags['prefect.flow_run_url']})"
-    else:
-        prefect = f"`{tags.get('prefect.flow_run_name') or tags[FLOW_RUN_TAG]}` (id `{tags[FLOW_RUN_TAG]}`)"
+    prefect = _prefect_link(tags)
     shape = tags.get("adapter.conversion") or f"{tags['adapter.init']} r={tags['adapter.r']}"
     lines = [f"Adapter `{tags['adapter.name']}` for `{tags['base_model']}`: {shape}.", "",
              f"- eval loss: {_number(training.get('eval_loss_before'))} before training, "

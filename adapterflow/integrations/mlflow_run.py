@@ -1,5 +1,6 @@
-"""The MLflow run of one pipeline run: experiment, params, tags, the train_loss curve, summary metrics, plots and
-the run's JSON records. The adapter itself is not a run artifact: it is stored once, as the LoggedModel's files
+"""The MLflow run of one pipeline run: experiment, params, tags, the metric histories (`loss`, `learning_rate`,
+`grad_norm`, `epoch`, `eval_loss`: see adapterflow.runtime.progress), summary metrics, plots and the run's JSON
+records. The adapter itself is not a run artifact: it is stored once, as the LoggedModel's files
 (mlflow_registry), and the run links to that model (run outputs and the `adapter.model_uri` tag).
 
 Every function is idempotent for a retried flow run: it skips what an earlier attempt logged.
@@ -11,7 +12,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 from urllib.parse import urlparse
 
 from adapterflow.integrations.mlflow_describe import FLOW_RUN_TAG  # noqa: F401 - API
@@ -46,25 +47,36 @@ def experiment_id(client, name: str, uri: str, runs_root: Path) -> str:
         return client.get_experiment_by_name(name).experiment_id
 
 
-def find_or_create_run(client, experiment: str, flow_run_id: str, run_name: str, tags: dict) -> tuple[Any, bool]:
-    """(run, found): the run an earlier attempt of this flow run created (by its FLOW_RUN_TAG), else a new one."""
+def find_run(client, experiment: str, flow_run_id: str):
+    """The run of this flow run (by its FLOW_RUN_TAG; the first if there were several), or None."""
     from mlflow.entities import ViewType
 
     found = client.search_runs([experiment], f"tags.`{FLOW_RUN_TAG}` = '{flow_run_id}'", ViewType.ACTIVE_ONLY,
                                max_results=1, order_by=["attributes.start_time ASC"])
-    return (found[0], True) if found else (client.create_run(experiment, run_name=run_name, tags=tags), False)
+    return found[0] if found else None
 
 
-def log_run_data(client, run, resumed: bool, params: dict, tags: dict, training: dict, records: dict) -> None:
-    """Params, tags, the train_loss curve (skipping steps an earlier attempt logged), the JSON `records`
-    (artifact path -> redacted data) and plots/train_loss.png."""
+def find_or_create_run(client, experiment: str, flow_run_id: str, run_name: str, tags: dict,
+                       start_time: Optional[int] = None) -> tuple[Any, bool]:
+    """(run, found): the run that the training or an earlier attempt of this flow run created (by its
+    FLOW_RUN_TAG), else a new one starting at `start_time` (ms since the epoch; default: now)."""
+    run = find_run(client, experiment, flow_run_id)
+    if run is not None:
+        return run, True
+    return client.create_run(experiment, start_time=start_time, run_name=run_name, tags=tags), False
+
+
+def log_run_data(client, run, params: dict, tags: dict, training: dict, history: list, records: dict) -> None:
+    """Params, tags, the metric `history` (points (key, value, step, timestamp_ms); only the (key, step) points
+    the run does not have yet: the training logged most of them live), the JSON `records` (artifact path ->
+    redacted data) and plots/train_loss.png."""
     from mlflow.entities import Metric, Param, RunTag
 
-    run_id, now = run.info.run_id, int(time.time() * 1000)
-    logged_steps = {m.step for m in client.get_metric_history(run_id, "train_loss")} if resumed else set()
-    losses = [Metric("train_loss", float(loss), now, step) for step, loss in enumerate(training.get("losses") or [], 1)
-              if step not in logged_steps and loss is not None]
-    client.log_batch(run_id, metrics=losses, tags=[RunTag(k, v) for k, v in tags.items()],
+    run_id = run.info.run_id
+    logged = {(key, m.step) for key in {p[0] for p in history} for m in client.get_metric_history(run_id, key)}
+    metrics = [Metric(key, float(value), int(stamp), int(step)) for key, value, step, stamp in history
+               if (key, step) not in logged and value is not None]
+    client.log_batch(run_id, metrics=metrics, tags=[RunTag(k, v) for k, v in tags.items()],  # MLflow splits it
                      params=[Param(k, v) for k, v in params.items() if run.data.params.get(k) != v])
     for path, data in records.items():
         client.log_dict(run_id, data, path)

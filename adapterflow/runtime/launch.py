@@ -24,7 +24,9 @@ from pathlib import Path
 from typing import Callable
 
 from adapterflow.runtime.distributed import Parallel
+from adapterflow.runtime.metrics_log import tail
 from adapterflow.runtime.processes import die_with_parent
+from adapterflow.runtime.progress import TrainingObserver
 from adapterflow.runtime.run_dir import read_json, write_json
 from adapterflow.runtime.train_job import TrainingJob, run_training_job
 
@@ -57,9 +59,11 @@ def torchrun_command(job: TrainingJob) -> list[str]:
     return command + ["-m", "adapterflow.runtime.launch", str(job.path)]
 
 
-def run_torchrun(job: TrainingJob, on_line: Callable[[str], None]) -> dict:
+def run_torchrun(job: TrainingJob, on_line: Callable[[str], None], observer: TrainingObserver | None = None) -> dict:
     """Write the job file, run torchrun, stream its output (all ranks) to `on_line`, return training.json.
 
+    Rank 0's progress reaches `observer` (in this process, from a thread) through `<run>/metrics.jsonl`, which
+    rank 0 appends to wherever it runs and this process tails (adapterflow.runtime.metrics_log).
     A SIGKILLed caller takes torchrun with it (PR_SET_PDEATHSIG); an interrupted one stops it (SIGTERM, which
     torchrun passes on to the ranks).
 
@@ -69,12 +73,21 @@ def run_torchrun(job: TrainingJob, on_line: Callable[[str], None]) -> dict:
     errors = Path(job.run_dir) / ERRORS_DIR
     shutil.rmtree(errors, ignore_errors=True)
     job.write()
+    with tail(job.run.metrics, observer or TrainingObserver()):
+        code, output = _run(job, on_line)
+    if code != 0:
+        raise training_failure(job, code, output)
+    return read_json(job.run.training_summary)
+
+
+def _run(job: TrainingJob, on_line: Callable[[str], None]) -> tuple[int, str]:
+    """Run torchrun, stream its output to `on_line`; its exit code and the last 400 lines."""
     process = subprocess.Popen(torchrun_command(job), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                env={**os.environ, "PYTHONUNBUFFERED": "1"}, preexec_fn=die_with_parent(os.getpid()))
-    tail: collections.deque[str] = collections.deque(maxlen=400)
+    last: collections.deque[str] = collections.deque(maxlen=400)
     try:
         for line in process.stdout:
-            tail.append(line)
+            last.append(line)
             on_line(line.rstrip("\n"))
         code = process.wait()
     finally:
@@ -85,9 +98,7 @@ def run_torchrun(job: TrainingJob, on_line: Callable[[str], None]) -> dict:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
-    if code != 0:
-        raise training_failure(job, code, "".join(tail))
-    return read_json(job.run.training_summary)
+    return code, "".join(last)
 
 
 def training_failure(job: TrainingJob, exit_code: int, output: str) -> Exception:

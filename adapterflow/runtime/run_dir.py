@@ -8,7 +8,8 @@ training writes adapter tensors here; the steps after it read the final checkpoi
                                    residual; resume and the PiSSA->LoRA conversion need it)
     <run>/checkpoints/step-N/      resumable training checkpoints, each a PEFT adapter folder plus optimizer
                                    state (`adapterflow.runtime.checkpoints`); the last one is the trained adapter
-    <run>/training.json            loss history, eval losses, throughput
+    <run>/metrics.jsonl            the metrics as training logged them, appended (adapterflow.runtime.metrics_log)
+    <run>/training.json            loss history, eval losses, throughput, start and end times
     <run>/probe.safetensors        a fixed batch and the trained model's logits on it, for verification
 """
 
@@ -50,6 +51,10 @@ class RunDir:
     @property
     def checkpoints(self) -> Path:
         return self.root / "checkpoints"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.jsonl"
 
     @property
     def training_summary(self) -> Path:

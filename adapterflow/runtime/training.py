@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,6 +32,7 @@ import torch
 from adapterflow.runtime.checkpoints import Checkpoints
 from adapterflow.runtime.data import BatchStream, TokenizedExample, collate, label_tokens, shard
 from adapterflow.runtime.distributed import Parallel
+from adapterflow.runtime.progress import StepMetrics, TrainingObserver, is_record_step, now, window_mean
 
 
 @dataclass
@@ -50,6 +50,9 @@ class TrainingSettings:
     device: str = "cpu"
     precision: str = "fp32"  # a key of AUTOCAST_DTYPES
     gradient_checkpointing: bool = False  # recompute each decoder layer in the backward (enable_gradient_checkpointing)
+    log_every: int = 1  # optimizer steps between metrics records (TrainingObserver.logged)
+    eval_every: int = 0  # optimizer steps between evaluations during training; 0: none (the job evaluates
+    # before and after training)
 
 
 @dataclass
@@ -65,7 +68,7 @@ class TrainingResult:
         return self.tokens / self.seconds if self.seconds else 0.0
 
 
-StepCallback = Callable[[int, float, float], None]  # (step, loss, learning rate)
+Evaluator = Callable[[], float]  # the eval loss of the model as it is (every rank calls it under torchrun)
 AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -127,8 +130,8 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
 
 
 def train(model: torch.nn.Module, examples: list[TokenizedExample], settings: TrainingSettings, pad_id: int,
-          checkpoints: Checkpoints, on_step: StepCallback | None = None,
-          parallel: Parallel = Parallel()) -> TrainingResult:
+          checkpoints: Checkpoints, observer: TrainingObserver | None = None,
+          parallel: Parallel = Parallel(), evaluator: Evaluator | None = None) -> TrainingResult:
     """Train the model's trainable parameters; resume from the newest of `checkpoints` if there is one.
 
     Args:
@@ -136,7 +139,11 @@ def train(model: torch.nn.Module, examples: list[TokenizedExample], settings: Tr
             torchrun the same model on every rank; FSDP shards it in place).
         checkpoints: where checkpoints go every `settings.checkpoint_every` steps and after the last step
             (the newest `checkpoints.keep` stay; rank 0 writes them).
+        observer: receives progress on rank 0 (adapterflow.runtime.progress): the start, every step, a metrics
+            record every `settings.log_every` steps and after the last, each evaluation.
         parallel: this process's rank among the torchrun ranks (default: the only process).
+        evaluator: the eval loss, run every `settings.eval_every` steps (not after the last: the caller
+            evaluates then); under torchrun every rank runs it.
 
     Returns:
         The loss history and throughput of the whole run (including steps done before a resume), the same on
@@ -147,6 +154,7 @@ def train(model: torch.nn.Module, examples: list[TokenizedExample], settings: Tr
             of the old model-key layout.
     """
     device = torch.device(settings.device)
+    observer = observer if observer is not None and parallel.is_main_process else TrainingObserver()
     result = TrainingResult(steps=settings.steps)
     checkpoint = checkpoints.latest()
     start = 0 if checkpoint is None else _restore(checkpoints, checkpoint, model.to(device), result)
@@ -163,25 +171,29 @@ def train(model: torch.nn.Module, examples: list[TokenizedExample], settings: Tr
     else:
         checkpoints.restore_training_state(checkpoint, model, optimizer, scheduler, parallel, scaler)
     disable_checkpointing = enable_gradient_checkpointing(model) if settings.gradient_checkpointing else None
-    progress = _progress_bar(settings.steps, start) if parallel.is_main_process else None
+    observer.started(start, settings.steps)
     started = time.perf_counter() - result.seconds
     for step in range(start, settings.steps):
-        loss, tokens = _optimizer_step(module, params, optimizer, scaler, stream, step, settings, device, parallel)
+        loss, tokens, grad_norm = _optimizer_step(module, params, optimizer, scaler, stream, step, settings, device,
+                                                  parallel)
         scheduler.step()
         result.losses.append(loss)
         result.tokens += tokens
         result.seconds = time.perf_counter() - started
-        if on_step is not None:
-            on_step(step + 1, loss, scheduler.get_last_lr()[0])
-        if progress is not None:
-            progress.set_postfix(loss=f"{loss:.4f}")
-            progress.update()
-        if (step + 1) % settings.checkpoint_every == 0 or step + 1 == settings.steps:
-            checkpoints.save(step + 1, model, optimizer, scheduler, asdict(result), parallel, scaler)
-    if progress is not None:
-        progress.close()
+        done = step + 1
+        observer.stepped(done, loss)
+        if is_record_step(done, settings.steps, settings.log_every):
+            epoch = done * settings.gradient_accumulation_steps / stream.batches_per_epoch
+            observer.logged(StepMetrics(done, window_mean(result.losses, done, settings.log_every),
+                                        scheduler.get_last_lr()[0], grad_norm, epoch, now()))
+        if done % settings.checkpoint_every == 0 or done == settings.steps:
+            checkpoints.save(done, model, optimizer, scheduler, asdict(result), parallel, scaler)
+        if evaluator is not None and settings.eval_every and done % settings.eval_every == 0 and done < settings.steps:
+            observer.evaluated(done, evaluator(), now())
+            module.train()
     if disable_checkpointing is not None:
         disable_checkpointing()
+    observer.finished()
     model.eval()
     return result
 
@@ -193,7 +205,8 @@ def _optimizer_step(module, params, optimizer, scaler, stream, step, settings, d
     of label tokens in it, passed to the model as transformers' `num_items_in_batch` (its fix of the gradient
     accumulation loss in 4.46: a mean per micro-batch, divided by the accumulation steps, over-weights the tokens
     of short micro-batches). DDP and FSDP average gradients over ranks, hence the factor world_size: every rank
-    count gives the one-process gradient. Returns the step's loss and its non-padding tokens (all ranks).
+    count gives the one-process gradient. Returns the step's loss, its non-padding tokens (all ranks) and the
+    total gradient norm before clipping (clip_grad_norm_'s return value; under FSDP a DTensor, made whole).
     """
     accumulation = settings.gradient_accumulation_steps
     micro_batches = [step * accumulation + micro for micro in range(accumulation)]
@@ -209,11 +222,14 @@ def _optimizer_step(module, params, optimizer, scaler, stream, step, settings, d
             scaler.scale(loss * parallel.world_size).backward()
         total_loss += loss.item()
     scaler.unscale_(optimizer)  # clip the true gradients; a no-op unless fp16
-    torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
     scaler.step(optimizer)  # fp16: skipped when a gradient is inf/NaN, and the scale shrinks
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return parallel.sum([total_loss])[0], sum(len(example.input_ids) for example in examples)
+    if hasattr(grad_norm, "full_tensor"):  # FSDP: the norm over sharded gradients is a DTensor
+        grad_norm = grad_norm.full_tensor()
+    return (parallel.sum([total_loss])[0], sum(len(example.input_ids) for example in examples),
+            float(grad_norm.item()))
 
 
 @torch.no_grad()
@@ -237,10 +253,3 @@ def _restore(checkpoints: Checkpoints, checkpoint: Path, model, result: Training
     result.resumed_from = progress["step"]
     return progress["step"]
 
-
-def _progress_bar(total: int, start: int):
-    if not sys.stderr.isatty():
-        return None
-    from tqdm.auto import tqdm  # only for interactive terminals
-
-    return tqdm(total=total, initial=start, desc="training", unit="step")

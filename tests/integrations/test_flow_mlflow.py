@@ -11,7 +11,7 @@ import time
 import pytest
 from mlflow import MlflowClient
 
-from flow_helpers import artifacts, run_flow, task_runs
+from flow_helpers import artifacts, flow_logs, run_flow, task_runs
 from servers import free_port
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
@@ -47,7 +47,7 @@ def test_retried_mlflow_step_makes_one_run_and_one_version(tmp_path, mlflow_serv
     assert runs[0].info.status == "FINISHED"
     versions = client.search_model_versions(f"name = 'flow-test' and run_id = '{tracked['run_id']}'")
     assert len(versions) == 1 and client.get_model_version_by_alias("flow-test", "candidate").version == versions[0].version
-    history = client.get_metric_history(tracked["run_id"], "train_loss")
+    history = client.get_metric_history(tracked["run_id"], "loss")
     assert [m.step for m in history] == list(range(1, 9))  # no duplicated points from the first attempt
     found = artifacts(state)
     assert found["mlflow-run"][1].endswith(f"({tracked['run_url']})")
@@ -106,3 +106,36 @@ def test_dead_tracking_server_fails_fast_and_a_rerun_does_not_retrain(tmp_path):
     training = json.loads((tmp_path / "runs" / "dead" / "training.json").read_text())
     assert training["resumed_from"] == training["steps"]  # the checkpoint was final: no step trained again
     assert {p.name: p.read_bytes() for p in adapter.iterdir()} == saved
+
+
+def test_the_mlflow_run_spans_the_flow_and_has_every_metric_history(tmp_path, mlflow_server):
+    """Started when training starts, ended after the last step; loss / learning_rate / grad_norm / epoch every
+    log_every steps and eval_loss before, during and after; the Prefect progress artifact and task log lines."""
+    from prefect.client.orchestration import get_client
+
+    state = run_flow(tmp_path / "runs", run_name="live", training={"log_every": 3, "eval_every": 4},
+                     mlflow={"tracking_uri": mlflow_server})
+    assert state.is_completed(), state.message
+    tracked, flow_run_id = state.result()["mlflow"], state.result()["flow_run_id"]
+    client = MlflowClient(mlflow_server, mlflow_server)
+    run = client.get_run(tracked["run_id"])
+    training = json.loads((tmp_path / "runs" / "live" / "training.json").read_text())
+    steps = task_runs(state)
+    with get_client(sync_client=True) as prefect:
+        flow_run = prefect.read_flow_run(flow_run_id)
+    last_step_end = max(r.end_time for r in steps.values()).timestamp() * 1000
+    assert run.info.status == "FINISHED"
+    assert run.info.start_time <= training["started_at"] * 1000 <= training["finished_at"] * 1000
+    assert last_step_end <= run.info.end_time <= flow_run.end_time.timestamp() * 1000 + 1  # ms rounding
+    for key in ("loss", "learning_rate", "grad_norm", "epoch"):
+        assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [3, 6, 8], key
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "eval_loss")] == [0, 4, 8]
+    assert run.data.metrics["eval_loss"] == pytest.approx(training["eval_loss_after"])
+    assert "in progress" not in run.data.tags["mlflow.note.content"]  # the completed description replaced it
+
+    assert artifacts(state)["training-progress"] == ("progress", 100.0)
+    logs = flow_logs(state, until=lambda messages: any(m.startswith("MLflow model version:") for m in messages))
+    assert [m.split(":")[0] for m in logs if m.startswith("step ") and ": loss" in m] == \
+        ["step 3/8", "step 6/8", "step 8/8"]
+    assert [m.split(":")[0] for m in logs if ": eval_loss" in m] == ["step 0/8", "step 4/8", "step 8/8"]
+    assert any(m.startswith(f"MLflow run {run.info.run_id}: 15 metric points logged while training") for m in logs)

@@ -139,7 +139,7 @@ def test_logs_everything_readable_over_http(tracking, mlflow_server, base_model_
     assert (dataset.name, dataset.digest, dataset.source_type) == ("instructions", ("ab" * 32)[:36], "local")
     assert json.loads(dataset.source) == {"uri": "/data/instructions.jsonl"}
     assert {t.key: t.value for t in dataset_input.tags} == {"mlflow.data.context": "training"}
-    history = client.get_metric_history(run_id, "train_loss")
+    history = client.get_metric_history(run_id, "loss")
     assert [(m.step, m.value) for m in sorted(history, key=lambda m: m.step)] == \
         [(step, pytest.approx(loss)) for step, loss in enumerate(inputs["training"]["losses"], 1)]
     metrics = run.data.metrics
@@ -277,7 +277,7 @@ def test_retries_create_no_second_run_model_or_version(tracking, mlflow_server, 
     assert [v.version for v in client.search_model_versions(f"name = '{name}'")] == ["1"]
     models = client.search_logged_models([first["experiment_id"]], flow_run_filter)
     assert [(m.model_id, str(m.status)) for m in models] == [(first["model_id"], "READY")]
-    assert len(client.get_metric_history(first["run_id"], "train_loss")) == STEPS
+    assert len(client.get_metric_history(first["run_id"], "loss")) == STEPS
     assert len(client.get_metric_history(first["run_id"], "eval_loss_after")) == 1
     finished = client.get_run(first["run_id"])
     assert finished.info.status == "FINISHED"

@@ -58,6 +58,8 @@ CASES = [
     (["--set", "training.precision=fp16", "--set", "training.device=cpu"], ["training.precision=fp16", "training.device=cpu"]),
     (["--set", "training.precision=half"], ["training.precision", "'fp32', 'bf16' or 'fp16'"]),
     (["--set", "training.gradient_checkpointing=sometimes"], ["training.gradient_checkpointing", "valid boolean"]),
+    (["--set", "training.log_every=0"], ["training.log_every", "greater than or equal to 1"]),
+    (["--set", "training.eval_every=-5"], ["training.eval_every", "greater than or equal to 1"]),
     (["--set", "dataset.path=missing.jsonl"], ["dataset.path", "missing.jsonl", "not found"]),
     (["--set", "dataset.path=latin1.jsonl"], ["latin1.jsonl, line 3", "not UTF-8", "byte 0xe9"]),
     (["--set", "dataset.path=broken.jsonl"], ["broken.jsonl", "line 2: not JSON"]),

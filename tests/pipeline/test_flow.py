@@ -51,7 +51,7 @@ def test_pissa_run_trains_converts_saves_and_verifies(tmp_path):
     # Adapter tensors land in the initial adapter, the checkpoints (PEFT adapter folders) and the output only.
     run_dir = Path(summary["run_dir"])
     assert sorted(p.name for p in run_dir.iterdir()) == [
-        "adapter", "checkpoints", "initial", "plan.json", "probe.safetensors", "training.json"]
+        "adapter", "checkpoints", "initial", "metrics.jsonl", "plan.json", "probe.safetensors", "training.json"]
     assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step-000004", "step-000008"]
 
     # The saved adapter is a PEFT adapter for the ORIGINAL base model, reproducing the trained model's logits.

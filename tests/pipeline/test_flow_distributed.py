@@ -7,13 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from flow_helpers import artifacts, run_flow, task_runs
+from mlflow import MlflowClient
+
+from flow_helpers import artifacts, flow_logs, run_flow, task_runs
 
 
 @pytest.mark.slow
-def test_the_flow_trains_on_two_processes_under_torchrun(tmp_path, prefect_api):
+def test_the_flow_trains_on_two_processes_under_torchrun(tmp_path, prefect_api, mlflow_server):
     runs = tmp_path / "runs"
-    state = run_flow(runs, run_name="ddp", training={"num_processes": 2})
+    state = run_flow(runs, run_name="ddp", training={"num_processes": 2}, mlflow={"tracking_uri": mlflow_server})
     assert state.is_completed(), state.message
     summary = json.loads((runs / "ddp" / "training.json").read_text())
     assert summary["num_processes"] == 2 and summary["strategy"] == "ddp" and summary["steps"] == 8
@@ -22,6 +24,14 @@ def test_the_flow_trains_on_two_processes_under_torchrun(tmp_path, prefect_api):
     table = {row["metric"]: row["value"] for row in artifacts(state)["training-summary"][1]}
     assert table["num_processes"] == "2"
     assert (Path(state.result()["adapter_dir"]) / "adapter_model.safetensors").is_file()
+    # Rank 0's metrics reach the flow's process through metrics.jsonl: the live MLflow run and the progress artifact.
+    client = MlflowClient(mlflow_server, mlflow_server)
+    run_id = state.result()["mlflow"]["run_id"]
+    assert [m.step for m in client.get_metric_history(run_id, "grad_norm")] == list(range(1, 9))
+    assert [m.step for m in client.get_metric_history(run_id, "eval_loss")] == [0, 8]
+    assert artifacts(state)["training-progress"] == ("progress", 100.0)
+    assert any(m.startswith(f"MLflow run {run_id}: 34 metric points logged while training") for m in
+               flow_logs(state, until=lambda logs: any("metric points" in m for m in logs)))
 
     # A checkpoint of an older adapterflow in the run folder: every rank refuses it (a CheckpointError, a user
     # error), so the task fails once with that message and is not retried.

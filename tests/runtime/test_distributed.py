@@ -23,6 +23,7 @@ from adapterflow import LoraConfig
 from adapterflow.init_methods import init_lora_weights_for
 from adapterflow.runtime.base_models import resolve_base_model
 from adapterflow.runtime.launch import RankUserError, TrainingProcessError, run_torchrun, torchrun_command
+from adapterflow.runtime.progress import TrainingObserver
 from adapterflow.runtime.train_job import TrainingJob, run_training_job
 from adapterflow.tasks.retries import is_transient, is_user_error
 
@@ -30,6 +31,20 @@ SUPPORT = Path(__file__).parents[1] / "support"
 TRAINING = dict(steps=10, batch_size=4, gradient_accumulation_steps=2, max_grad_norm=1.0, learning_rate=3e-3,
                 warmup_steps=2, checkpoint_every=2, keep_checkpoints=2, seed=0, device="cpu")
 pytestmark = pytest.mark.slow
+
+
+class Seen(TrainingObserver):
+    def __init__(self) -> None:
+        self.records, self.evals, self.starts = [], [], []
+
+    def started(self, start_step, steps):
+        self.starts.append((start_step, steps))
+
+    def logged(self, record):
+        self.records.append(record)
+
+    def evaluated(self, step, eval_loss, at):
+        self.evals.append((step, eval_loss))
 
 
 def make_job(run_dir: Path, **changes) -> TrainingJob:
@@ -69,12 +84,15 @@ def test_ddp_on_two_processes_trains_the_one_process_adapter_and_only_rank_0_wri
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(SUPPORT / "rank_audit"), os.environ.get("PYTHONPATH", "")]))
     monkeypatch.setenv("ADAPTERFLOW_AUDIT_DIR", str(audit))
     monkeypatch.setenv("ADAPTERFLOW_AUDIT_ROOT", str(tmp_path / "run"))
-    lines = []
-    summary = run_torchrun(job, lines.append)
+    lines, seen = [], Seen()
+    summary = run_torchrun(job, lines.append, seen)
 
     assert summary["num_processes"] == 2 and summary["strategy"] == "ddp"
     assert "Training on 2 processes (ddp, cpu)" in lines
-    assert sum(line.startswith("step 10/10 loss") for line in lines) == 1  # rank 0 logs, once
+    # Rank 0's metrics reach this process through <run>/metrics.jsonl, once each (not through the output).
+    assert [r.step for r in seen.records] == list(range(1, 11)) and [s for s, _ in seen.evals] == [0, 10]
+    assert [r.loss for r in seen.records] == pytest.approx(summary["losses"]) and seen.starts == [(0, 10)]
+    assert not any(line.startswith("step ") for line in lines)
     assert_same_adapter(adapter(job), adapter(reference))
     for key in ("losses", "eval_loss_before", "eval_loss_after"):
         torch.testing.assert_close(torch.tensor(summary[key]), torch.tensor(reference_summary[key]),

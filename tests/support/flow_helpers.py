@@ -60,3 +60,19 @@ def artifacts(state) -> dict[str, object]:
             data = json.loads(data)
         result[artifact.key] = (artifact.type, data)
     return result
+
+
+def flow_logs(state, until=lambda messages: True, timeout: float = 20) -> list[str]:
+    """The flow run's log messages in order, once `until(messages)` holds (logs reach the API in batches)."""
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.client.schemas.sorting import LogSort
+
+    deadline = time.monotonic() + timeout
+    with get_client(sync_client=True) as client:
+        while True:
+            messages = [log.message for log in client.read_logs(
+                log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id(state)])),
+                sort=LogSort.TIMESTAMP_ASC)]
+            if until(messages) or time.monotonic() > deadline:
+                return messages
+            time.sleep(0.5)

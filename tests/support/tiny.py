@@ -46,3 +46,20 @@ def randomize_adapters(model: torch.nn.Module, seed: int = 0) -> None:
 def logits(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     model.eval()
     return model(input_ids).logits.float()
+
+
+def training_job(run_dir, **training):
+    """A TrainingJob of a few seconds: a LoRA r=2 on q/v of the builtin tiny Llama, builtin:instructions with a
+    small eval split, batches of 4 in 2 micro-batches; `training` overrides TrainingSettings fields."""
+    from adapterflow import LoraConfig
+    from adapterflow.runtime.base_models import resolve_base_model
+    from adapterflow.runtime.train_job import TrainingJob
+
+    base = str(resolve_base_model("builtin:tiny-llama"))
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM",
+                        base_model_name_or_path=base)
+    settings = {**dict(steps=6, batch_size=4, gradient_accumulation_steps=2, checkpoint_every=4, warmup_steps=2,
+                       device="cpu"), **training}
+    return TrainingJob(run_dir=str(run_dir), adapter_name="default", base_model_path=base, dtype="float32",
+                       dataset={"path": "builtin:instructions"}, eval_fraction=0.02, max_seq_len=24,
+                       lora_config=config.to_dict(), training=settings)
