@@ -8,6 +8,7 @@ Every function is idempotent for a retried flow run: it skips what an earlier at
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -107,8 +108,19 @@ def run_params(plan: dict) -> dict[str, str]:
               "adapter.init": given.get("adapter", {}).get("init"),
               "dataset.path": plan.get("dataset_path"), "dataset.fingerprint": plan.get("dataset_fingerprint"),
               "dataset.eval_fraction": plan.get("eval_fraction"), "max_seq_len": plan.get("max_seq_len"),
-              "save.convert_pissa_to_lora": plan.get("convert_pissa_to_lora"), "verify.atol": plan.get("atol")}
+              "save.convert_pissa_to_lora": plan.get("convert_pissa_to_lora"), "verify.atol": plan.get("atol"),
+              **{f"training.{k}": v for k, v in plan.get("launch", {}).items()},  # num_processes, strategy, ...
+              **_dataset_params(plan.get("dataset") or {})}
     return {key: _compact(value) for key, value in params.items() if value not in (None, "", [], {})}
+
+
+def _dataset_params(spec: dict) -> dict:
+    """The DataSpec's split, columns and Hub revision; the chat template as the sha256 of its text (the text itself
+    is in the run/plan.json artifact)."""
+    params = {f"dataset.{k}": v for k, v in spec.items() if k not in ("path", "chat_template")}
+    if spec.get("chat_template"):
+        params["dataset.chat_template_sha256"] = hashlib.sha256(spec["chat_template"].encode()).hexdigest()
+    return params
 
 
 def _compact(value: Any) -> str:

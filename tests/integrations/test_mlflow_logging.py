@@ -5,6 +5,7 @@ Everything logged is read back through MlflowClient / mlflow.artifacts, never fr
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -81,6 +82,9 @@ def _inputs(base_model_dir: Path, adapter_dir: Path, tmp_path: Path, **parameter
     plan = {"run_dir": str(run_dir), "adapter_name": "default", "base_model_path": str(base_model_dir),
             "dtype": "float32", "dataset_path": "/data/instructions.jsonl", "dataset_fingerprint": "ab" * 32,
             "eval_fraction": 0.1, "max_seq_len": 64, "lora_config": lora_config,
+            "dataset": {"path": "/data/instructions.jsonl", "split": "train", "completion_field": "answer",
+                        "chat_template": "{{ messages }}", "revision": None},
+            "launch": {"num_processes": 2, "strategy": "fsdp"},
             "training": {"steps": STEPS, "learning_rate": 3e-3, "batch_size": 16, "gradient_accumulation_steps": 1,
                          "max_grad_norm": 1.0, "weight_decay": 0.0, "warmup_steps": 4, "seed": 0,
                          "checkpoint_every": 20, "device": "cpu"},
@@ -124,6 +128,10 @@ def test_logs_everything_readable_over_http(tracking, mlflow_server, base_model_
     assert params["training.learning_rate"] == "0.003" and params["training.steps"] == str(STEPS)
     assert params["base_model"] == str(base_model_dir) and params["base_model.name_or_path"] == "builtin:tiny-llama"
     assert params["dataset.path"] == "/data/instructions.jsonl" and params["dataset.fingerprint"] == "ab" * 32
+    assert params["dataset.split"] == "train" and params["dataset.completion_field"] == "answer"
+    assert params["dataset.chat_template_sha256"] == hashlib.sha256(b"{{ messages }}").hexdigest()
+    assert "dataset.revision" not in params and "dataset.chat_template" not in params
+    assert params["training.num_processes"] == "2" and params["training.strategy"] == "fsdp"
     tags = run.data.tags
     assert tags["prefect.flow_run_id"] == inputs["flow_run_id"] and tags["prefect.flow_run_url"] == inputs["flow_run_url"]
     assert (tags["base_model"], tags["adapter.init"], tags["adapter.converted"]) == ("builtin:tiny-llama", "lora", "false")
