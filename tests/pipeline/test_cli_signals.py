@@ -18,7 +18,8 @@ import pytest
 from adapterflow.flows.server import temporary_prefect_api
 
 ADAPTERFLOW = Path(sys.executable).parent / "adapterflow"
-TINY_RUN = ["training.steps=400", "training.batch_size=8", "training.max_seq_len=32", "mlflow.enabled=false",
+# Long enough never to finish before the signal (the fused LoRA step trains 400 tiny steps in seconds).
+TINY_RUN = ["training.steps=100000", "training.log_every=10", "training.batch_size=8", "training.max_seq_len=32", "mlflow.enabled=false",
             "adapter.init=lora"]
 
 
@@ -86,7 +87,7 @@ def training_run(tmp_path, prefect_home):
     recorded = {}
     try:
         deadline = time.monotonic() + 180
-        while not re.search(r"step \d+/400", output.read_text()):
+        while not re.search(r"step \d+/100000", output.read_text()):
             assert process.poll() is None, f"adapterflow run ended before training:\n{output.read_text()[-3000:]}"
             assert time.monotonic() < deadline, "no training step within 180 s"
             time.sleep(0.1)

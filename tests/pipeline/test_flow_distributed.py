@@ -35,11 +35,11 @@ def test_the_flow_trains_on_two_processes_under_torchrun(tmp_path, prefect_api, 
 
     # A checkpoint of an older adapterflow in the run folder: every rank refuses it (a CheckpointError, a user
     # error), so the task fails once with that message and is not retried.
-    legacy = runs / "ddp" / "checkpoints" / "step-000009"
-    legacy.mkdir()
+    legacy = runs / "legacy" / "checkpoints" / "step-000009"
+    legacy.mkdir(parents=True)
     (legacy / "trainable.safetensors").write_bytes(b"")
     (legacy / "progress.json").write_text(json.dumps({"step": 9}))
-    failed = run_flow(runs, run_name="ddp", training={"num_processes": 2, "steps": 9})
+    failed = run_flow(runs, run_name="legacy", training={"num_processes": 2, "steps": 9})
     assert failed.is_failed()
     train = task_runs(failed, "train-adapter")["train-adapter"]
     assert train.state.is_failed() and train.run_count == 1
