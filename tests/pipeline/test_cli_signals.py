@@ -67,6 +67,12 @@ def _command_line(pid: int) -> str:
         return ""
 
 
+def _as_from_a_terminal() -> None:
+    """SIGINT as a shell's foreground command gets it: default, even when the test itself runs with SIGINT ignored
+    (pytest started as a background job `cmd &`, which a non-interactive shell starts with SIGINT ignored)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.fixture(scope="module")
 def prefect_home(tmp_path_factory) -> Path:
     """One PREFECT_HOME for the module: its DB is migrated by the first run only."""
@@ -83,7 +89,8 @@ def training_run(tmp_path, prefect_home):
     arguments = [arg for item in [f"runs_root={tmp_path / 'runs'}", *TINY_RUN] for arg in ("--set", item)]
     with output.open("w") as out:
         process = subprocess.Popen([str(ADAPTERFLOW), "run", *arguments], env=env, stdin=subprocess.DEVNULL,
-                                   stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+                                   stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                   preexec_fn=_as_from_a_terminal)
     recorded = {}
     try:
         deadline = time.monotonic() + 180
