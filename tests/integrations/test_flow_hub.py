@@ -71,7 +71,8 @@ def test_push_with_mlflow_then_idempotent_repush(hub, mlflow_server, tmp_path, m
     assert link in client.get_model_version("hub-test", tracked["model_version"]).description
     assert link in artifacts(state)["run-summary"][1]
     hub_line = f"Hub commit: {pushed['commit_url']}"  # the flow's last log line
-    assert flow_logs(summary["flow_run_id"], until=hub_line).splitlines()[-2:] == [hub_line, "Finished in state Completed()"]
+    assert flow_logs(summary["flow_run_id"], until=f"{hub_line}\nFinished in state Completed()").splitlines()[-2:] == [
+        hub_line, "Finished in state Completed()"]
 
     again = run_flow(tmp_path / "runs", run_name="hub", hub=settings, mlflow={"enabled": False})
     assert again.is_completed(), again.message
