@@ -119,10 +119,14 @@ class _NoTraceback:
 
 def _report(exc: BaseException, debug: bool = False) -> None:
     """One block on stderr: what is wrong and what to do, then exit 2 for a mistake in what the user gave, 1 for
-    a run that failed otherwise."""
+    a run that failed otherwise (a failed verification included: its message says what differs, no traceback)."""
     from adapterflow.tasks.retries import is_user_error
+    from adapterflow.verify import VerificationError
 
     text = str(exc).strip() or type(exc).__name__
+    if isinstance(exc, VerificationError):
+        print(f"adapterflow run failed: {text}", file=sys.stderr)
+        raise SystemExit(FAILED_EXIT)
     if is_user_error(exc):
         print(f"adapterflow run: {text}", file=sys.stderr)
         raise SystemExit(USER_ERROR_EXIT)
