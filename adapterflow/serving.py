@@ -148,8 +148,9 @@ def _key_problem(ctx: Inputs, key: str) -> Optional[str]:
     shape = ctx.adapter.shapes[key]
     path = key.removeprefix(formats.PEFT_KEY_PREFIX)
     is_lora = key.endswith(rules.LORA_SUFFIXES)
-    module = formats.module_of_key(path) if is_lora else path.rsplit(".", 1)[0]
-    weight_key = f"{module}.weight" if is_lora else path
+    in_adapter_layer = any(part.startswith("lora_") for part in path.split("."))  # also DoRA, lora_bias tensors
+    module = formats.module_of_key(path) if in_adapter_layer else path.rsplit(".", 1)[0]
+    weight_key = f"{module}.weight" if in_adapter_layer else path
     base_shape = ctx.base.shapes.get(weight_key)
     if base_shape is None and module.split(".")[-1] == "lm_head" and ctx.base.tie_word_embeddings:
         embedding = ctx.base.embedding_key()
@@ -157,7 +158,8 @@ def _key_problem(ctx: Inputs, key: str) -> Optional[str]:
     if base_shape is None:
         return f"{module} (no {weight_key} in the base{_near(ctx.base, module)})"
     if not is_lora or len(shape) != 2 or len(base_shape) != 2:
-        return None if is_lora or shape == base_shape else f"{path} {shape} vs the base's {base_shape}"
+        fits = in_adapter_layer or shape == base_shape  # a full copy (modules_to_save, bias) has the base's shape
+        return None if fits else f"{path} {shape} does not fit the base's {base_shape}"
     out_features, in_features = base_shape
     if key.endswith(rules.LORA_SUFFIXES[2:]):  # embedding: weight (vocab, hidden); A (r, vocab), B (hidden, r)
         out_features, in_features = in_features, out_features
@@ -217,7 +219,7 @@ def _table(runtime: str, entries: list[tuple[str, Callable]]) -> list[tuple[str,
     """Bind the runtime's display name into rules that take one."""
     label = {"vllm": "vLLM", "llama.cpp": "llama.cpp", "peft": "PEFT"}[runtime]
     shared = {rules.required_keys, rules.modules_to_save, rules.dora, rules.bias, rules.residual_init,
-              rules.weights_file, rules.weight_keys, rules.pairs}
+              rules.weights_file, rules.weight_keys, rules.pairs}  # rules that name the runtime in their message
     bound = []
     for name, rule in entries:
         base_rule = rule.func if isinstance(rule, partial) else rule
@@ -236,7 +238,7 @@ _RULES: dict[str, list[tuple[str, Rule]]] = {
         ("modules_to_save", partial(rules.modules_to_save, allowed=frozenset(rules.VLLM_ALLOWED_MODULES_TO_SAVE))),
         ("use_dora", rules.dora), ("bias", rules.bias), ("init_lora_weights", rules.residual_init),
         ("layer_replication", rules.layer_replication),
-        ("weights_file", partial(rules.weights_file, names=_VLLM_FILES)), ("weight_keys", rules.weight_keys),
+        ("weights_file", partial(rules.weights_file, names=_VLLM_FILES)), ("weight_keys", partial(rules.weight_keys, skipped=f".{formats.BASE_LAYER}.")),
         ("module_paths", module_paths), ("vocab", vocab)]),
     "llama.cpp": _table("llama.cpp", [
         ("config_keys", partial(rules.required_keys, keys=("lora_alpha",))), ("base_config", rules.llama_cpp_base),
@@ -244,7 +246,8 @@ _RULES: dict[str, list[tuple[str, Rule]]] = {
         ("init_lora_weights", rules.residual_init), ("use_rslora", rules.rslora),
         ("alpha_pattern", rules.alpha_pattern),
         ("weights_file", partial(rules.weights_file, names=formats.WEIGHTS_NAMES)),
-        ("weight_keys", rules.weight_keys), ("lora_pairs", rules.pairs), ("tied_lm_head", rules.tied_lm_head),
+        ("weight_keys", partial(rules.weight_keys, skipped=f".{formats.BASE_LAYER}.weight")),
+        ("lora_pairs", rules.pairs), ("tied_lm_head", rules.tied_lm_head),
         ("module_paths", module_paths), ("vocab", vocab)]),
     "peft": _table("peft", [
         ("peft_type", peft_type), ("init_lora_weights", rules.peft_residual_init),

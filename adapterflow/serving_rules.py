@@ -150,9 +150,10 @@ def weights_file(ctx: Inputs, runtime: str, names: tuple[str, ...]) -> tuple[str
     return FAIL, f"{runtime} reads {' or '.join(names)}, {found}; re-save the adapter (safe_serialization=true)"
 
 
-def weight_keys(ctx: Inputs, runtime: str) -> tuple[str, str]:
-    """Only LoRA A/B and lora_embedding_A/B tensors (keys with base_layer skipped)."""
-    odd = sorted(k for k in ctx.adapter.shapes if not k.endswith(LORA_SUFFIXES) and formats.BASE_LAYER not in k)
+def weight_keys(ctx: Inputs, runtime: str, skipped: str) -> tuple[str, str]:
+    """Only LoRA A/B and lora_embedding_A/B tensors; keys containing `skipped` are ignored (vLLM: any
+    `.base_layer.` key; llama.cpp: `.base_layer.weight` only, so bias="lora_only"'s base_layer.bias stops it)."""
+    odd = sorted(k for k in ctx.adapter.shapes if not k.endswith(LORA_SUFFIXES) and skipped not in k)
     if not odd:
         return PASS, f"{len(ctx.adapter.shapes)} tensors, all LoRA A/B"
     embeddings = [k for k in odd if k.endswith(tuple(f"{n}.weight" for n in formats.EMBEDDING_LAYER_NAMES))]
