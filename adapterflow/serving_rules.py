@@ -12,7 +12,6 @@ embeddings refused, A/B pairs, tied lm_head) and `src/llama-adapter.h` (runtime 
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 from typing import Optional

@@ -49,6 +49,7 @@ class RunPlan(BaseModel):
     save_embedding_layers: Union[bool, Literal["auto"]]
     convert_pissa_to_lora: bool  # PiSSA init and conversion asked
     atol: float
+    require_runtimes: list[str] = []  # verify.require_runtimes: serving runtimes whose preflight must pass
     parameters: dict  # the flow parameters as given, for the record
 
     @property
