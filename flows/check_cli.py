@@ -94,12 +94,15 @@ def resolve_base(name: str):
 def hub_base_shapes(repo_id: str):
     """config.json (downloaded) and the weight shapes from the safetensors headers (`get_safetensors_metadata`
     reads only the headers, with HTTP range requests) of a Hub model repo."""
-    from huggingface_hub import get_safetensors_metadata, hf_hub_download
+    import os
+
+    from huggingface_hub import HfApi, hf_hub_download
 
     from adapterflow.serving_files import BaseShapes
 
-    config = json.loads(Path(hf_hub_download(repo_id, "config.json")).read_text())
-    metadata = get_safetensors_metadata(repo_id)
+    endpoint = os.environ.get("HF_ENDPOINT") or None  # as adapterflow.runtime.base_models downloads a base
+    config = json.loads(Path(hf_hub_download(repo_id, "config.json", endpoint=endpoint)).read_text())
+    metadata = HfApi(endpoint=endpoint).get_safetensors_metadata(repo_id)
     shapes = {name: tuple(info.shape) for file in metadata.files_metadata.values()
               for name, info in file.tensors.items()}
     return BaseShapes(config, shapes, repo_id)
