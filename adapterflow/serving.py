@@ -174,8 +174,10 @@ def _key_problem(ctx: Inputs, key: str) -> Optional[str]:
 
 def _near(base: BaseShapes, module: str) -> str:
     """A hint for a missing module path: a base module with the same ending (another prefix), if any."""
+    modules = sorted({k.removesuffix(".weight") for k in base.shapes if k.endswith(".weight")})
+    near = [m for m in modules if m.endswith(f".{module}") or module.endswith(f".{m}")]
     tail = ".".join(module.split(".")[-3:])
-    near = sorted(k.removesuffix(".weight") for k in base.shapes if k.removesuffix(".weight").endswith(tail))
+    near = near or [m for m in modules if m == tail or m.endswith(f".{tail}")]
     return f"; it has {near[0]}" if near else ""
 
 
