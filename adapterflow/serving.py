@@ -26,18 +26,22 @@ module path exists in the base with a fitting shape, and the embedding vocabular
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from typing import Callable, Literal, Optional, Union
 
 from adapterflow import formats
 from adapterflow import serving_rules as rules
-from adapterflow.serving_files import BaseShapes, read_adapter_files, read_base_shapes
+from adapterflow.serving_files import AdapterFiles, BaseShapes, read_adapter_files, read_base_shapes
 from adapterflow.serving_rules import FAIL, PASS, VLLM_MAX_LORA_RANKS, WARN, Inputs
 
 RUNTIMES = ("vllm", "llama.cpp", "peft")
 Runtime = Literal["vllm", "llama.cpp", "peft"]
 Verdict = Literal["pass", "fail", "warn"]
+# Rules that read adapter_config.json alone (check_config runs them before training).
+CONFIG_RULES = frozenset({"config_keys", "max_lora_rank", "modules_to_save", "use_dora", "bias", "init_lora_weights",
+                          "layer_replication", "use_rslora", "alpha_pattern", "peft_type"})
 
 
 @dataclass(frozen=True)
@@ -105,6 +109,39 @@ def check_serving(adapter_dir: Union[str, os.PathLike], base: Union[str, os.Path
         adapterflow.serialization.AdapterLoadError: a config that is not a JSON object, an unreadable weight file.
     """
     runtimes = tuple(runtimes)
+    _check_arguments(runtimes, max_lora_rank)
+    adapter = read_adapter_files(adapter_dir)
+    if base is not None and not isinstance(base, BaseShapes):
+        base = read_base_shapes(base)
+    report = ServingReport(str(adapter_dir), runtimes, base.source if base else None)
+    return _apply(report, Inputs(adapter, base, max_lora_rank), lambda name: True)
+
+
+def check_config(config: dict, runtimes: tuple[str, ...] = RUNTIMES) -> ServingReport:
+    """The rules of `check_serving` that read adapter_config.json alone (CONFIG_RULES), for a config as it will
+    be saved, before anything is trained (the pipeline's pre-training check of verify.require_runtimes).
+
+    Args:
+        config: adapter_config.json content, e.g. `LoraConfig.to_dict()`.
+
+    Raises:
+        ValueError: an unknown runtime.
+    """
+    _check_arguments(tuple(runtimes), None)
+    ctx = Inputs(AdapterFiles(Path(formats.CONFIG_NAME), config, None), None, None)
+    return _apply(ServingReport(formats.CONFIG_NAME, tuple(runtimes)), ctx, CONFIG_RULES.__contains__)
+
+
+def _apply(report: ServingReport, ctx: Inputs, wanted: Callable[[str], bool]) -> ServingReport:
+    for runtime in report.runtimes:
+        for name, rule in _RULES[runtime]:
+            if wanted(name):
+                verdict, message = rule(ctx)
+                report.results.append(RuleResult(runtime, name, verdict, message))
+    return report
+
+
+def _check_arguments(runtimes: tuple[str, ...], max_lora_rank: Optional[int]) -> None:
     unknown = [rt for rt in runtimes if rt not in RUNTIMES]
     if unknown or not runtimes:
         raise ValueError(f"unknown runtime {', '.join(map(repr, unknown)) or '(none given)'}: use one or more of "
@@ -112,16 +149,6 @@ def check_serving(adapter_dir: Union[str, os.PathLike], base: Union[str, os.Path
     if max_lora_rank is not None and max_lora_rank not in VLLM_MAX_LORA_RANKS:
         raise ValueError(f"max_lora_rank={max_lora_rank!r} is not a value vLLM's --max-lora-rank accepts: use one of "
                          f"{', '.join(map(str, VLLM_MAX_LORA_RANKS))}")
-    adapter = read_adapter_files(adapter_dir)
-    if base is not None and not isinstance(base, BaseShapes):
-        base = read_base_shapes(base)
-    ctx = Inputs(adapter, base, max_lora_rank)
-    report = ServingReport(str(adapter_dir), runtimes, base.source if base else None)
-    for runtime in runtimes:
-        for name, rule in _RULES[runtime]:
-            verdict, message = rule(ctx)
-            report.results.append(RuleResult(runtime, name, verdict, message))
-    return report
 
 
 def module_paths(ctx: Inputs, runtime: str) -> tuple[str, str]:

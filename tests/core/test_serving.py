@@ -205,3 +205,15 @@ def test_report_dict_and_usage_errors(base_dir, tmp_path):
         check_serving(path, max_lora_rank=12)
     with pytest.raises(FileNotFoundError, match="no adapter_config.json"):
         check_serving(tmp_path)
+
+
+def test_check_config_runs_only_the_rules_a_config_can_decide():
+    """What the pipeline checks before training: the rules that read adapter_config.json alone."""
+    from adapterflow.serving import CONFIG_RULES, check_config
+
+    config = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM").to_dict()
+    report = check_config(config)
+    assert report.passed() and {r.rule for r in report.results} <= CONFIG_RULES
+    assert {r.rule for r in report.rules("llama.cpp")} >= {"use_rslora", "alpha_pattern", "bias"}
+    refused = check_config({**config, "bias": "all", "use_rslora": True}, ("vllm", "llama.cpp"))
+    assert refused.failed_rules("vllm") == ["bias"] and refused.failed_rules("llama.cpp") == ["bias", "use_rslora"]

@@ -78,19 +78,21 @@ def test_lora_run_skips_the_conversion_visibly(tmp_path):
 
 
 def test_a_required_runtime_that_refuses_the_adapter_fails_verify_before_mlflow(tmp_path):
-    """verify.require_runtimes=["vllm"] and bias="all" (vLLM refuses adapter biases; the builtin model has none to
-    save, so only the config says it): verify-adapter fails, not
-    retried, naming the rule; log-to-mlflow and push-to-hub never run."""
-    state = run_flow(tmp_path / "runs", adapter={"init": "lora", "bias": "all"}, verify={"require_runtimes": ["vllm"]})
+    """verify.require_runtimes=["vllm"] and save.save_embedding_layers=true (full embedding copies, which vLLM
+    refuses; only the saved files show it, so the pre-training check cannot): verify-adapter fails, not retried,
+    naming the rule; log-to-mlflow and push-to-hub never run."""
+    state = run_flow(tmp_path / "runs", adapter={"init": "lora"}, save={"save_embedding_layers": True},
+                     verify={"require_runtimes": ["vllm"]})
     assert state.is_failed()
     runs = task_runs(state, "verify-adapter")
     verify = runs["verify-adapter"]
     assert verify.state.name == "Failed" and verify.run_count == 1
     assert "log-to-mlflow" not in runs and "push-to-hub" not in runs
     message = str(state.result(raise_on_failure=False))
-    assert "verify.require_runtimes=['vllm']" in message and "vllm bias: bias='all'" in message, message
+    assert "verify.require_runtimes=['vllm']" in message and "vllm weight_keys: vLLM refuses tensors" in message
+    assert "embed_tokens.weight" in message, message
     report = artifacts(state)["verification-report"][1]
-    assert "Verification FAILED" in report and "required runtime vllm fails bias\n" in report, report
+    assert "Verification FAILED" in report and "required runtime vllm fails weight_keys\n" in report, report
 
 
 def test_bad_parameters_fail_before_training_and_name_every_problem(tmp_path):
