@@ -114,6 +114,11 @@ CASES = [
     (["--set", "training.nnodes=2", "--set", "training.rdzv_endpoint=node1"],
      ["training.rdzv_endpoint='node1' is not host:port", "node1.example.org:29500"]),
     (["--set", "training.rdzv_endpoint=node1:99999"], ["training.rdzv_endpoint='node1:99999' is not host:port"]),
+    (["--set", "verify.require_runtimes=[vllm]", "--set", "adapter.bias=all"],
+     ["verify.require_runtimes=['vllm']: vllm bias: bias='all': vLLM refuses adapter biases"]),
+    (["--set", "verify.require_runtimes=[llama.cpp]", "--set", "adapter.use_rslora=true"],
+     ["llama.cpp use_rslora: use_rslora: llama.cpp will scale by alpha/r, off by sqrt(r)"]),
+    (["--set", "verify.require_runtimes=[tgi]"], ["verify.require_runtimes", "'vllm', 'llama.cpp' or 'peft'"]),
 ]
 
 
