@@ -44,7 +44,7 @@ def check_command(args: argparse.Namespace) -> int:
         runtimes, rank = parse_runtimes(args.runtime), parse_rank(args.max_lora_rank)
         if not Path(args.adapter_dir).is_dir():
             raise UsageError(f"ADAPTER_DIR {args.adapter_dir}: no such folder; pass the folder the adapter was saved to")
-        base = resolve_base(args.base) if args.base else None
+        base = resolve_base(args.base) if args.base is not None else None
         report = check_serving(args.adapter_dir, base=base, runtimes=runtimes, max_lora_rank=rank)
     except (UsageError, ValueError, OSError) as exc:  # AdapterLoadError is a ValueError
         message = " ".join(str(exc).split()) or type(exc).__name__
@@ -80,6 +80,8 @@ def resolve_base(name: str):
     """A local folder as it is (check_serving reads its headers), a Hub repo id as its `BaseShapes`."""
     from adapterflow.model_references import is_hub_model_id
 
+    if not name.strip():
+        raise UsageError("--base is empty: give the base model's folder or its Hub repo id (namespace/name)")
     if Path(name).expanduser().is_dir():
         return Path(name).expanduser()
     if not is_hub_model_id(name):

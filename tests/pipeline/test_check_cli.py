@@ -69,6 +69,7 @@ USAGE_CASES = [
     (["{ok}", "--max-lora-rank", "12"], ["--max-lora-rank '12'", "1, 8, 16, 32, 64, 128, 256, 320, 512"]),
     (["{ok}", "--max-lora-rank", "big"], ["--max-lora-rank 'big'"]),
     (["{ok}", "--base", "not//valid"], ["--base not//valid: neither an existing folder nor a Hub repo id"]),
+    (["{ok}", "--base", ""], ["--base is empty"]),
     (["{ok}", "--base", "{empty}"], ["is not a model folder: it has no config.json"]),
     (["{empty}"], ["has no adapter_config.json"]),
     (["{broken}"], ["adapter_config.json is not readable JSON"]),
