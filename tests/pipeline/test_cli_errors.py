@@ -114,6 +114,20 @@ CASES = [
     (["--set", "training.nnodes=2", "--set", "training.rdzv_endpoint=node1"],
      ["training.rdzv_endpoint='node1' is not host:port", "node1.example.org:29500"]),
     (["--set", "training.rdzv_endpoint=node1:99999"], ["training.rdzv_endpoint='node1:99999' is not host:port"]),
+    (["--set", "hub.push_merged=true"], ["hub.push_merged=true pushes the merged model", "set export.merged=true",
+                                         "hub.push_merged=true needs hub.merged_repo_id"]),
+    (["--set", "export.merged=true", "--set", "hub.push_merged=true"], ["needs hub.merged_repo_id"]),
+    (["--set", "hub.merged_repo_id=me/merged"], ["hub.merged_repo_id='me/merged' is only used with hub.push_merged"]),
+    (["--set", "export.merged=true", "--set", "hub.push_merged=true", "--set", "hub.repo_id=me/tiny",
+      "--set", "hub.merged_repo_id=me/Tiny"], ["hub.merged_repo_id='me/Tiny' is also hub.repo_id", "another repo"]),
+    (["--set", "hub.merged_repo_id=me/lora--v2"], ["hub.merged_repo_id", "validate_repo_id refuses it"]),
+    (["--set", "export.merged=true", "--set", "export.dtype=bfloat16"],
+     ["export.merged with export.dtype=bfloat16", "verify.atol (e.g. 0.2)", "export float32"]),
+    (["--set", "export.merged=true", "--set", "base_model.dtype=bfloat16", "--set", "adapter.init=lora"],
+     ["export.merged with base_model.dtype=bfloat16", "verify.atol"]),
+    (["--set", "export.max_shard_size=5Gb"], ["export.max_shard_size", "GB, MB, KB, GiB, MiB or KiB", "as bits"]),
+    (["--set", "export.dtype=int8"], ["export.dtype", "'float32', 'bfloat16' or 'float16'"]),
+    (["--set", "export.merge=true"], ["export.merge", "unknown parameter", "did you mean export.merged"]),
 ]
 
 
