@@ -184,6 +184,9 @@ class SaveSettings(_Section):
 
 class VerifySettings(_Section):
     atol: Optional[float] = Field(None, gt=0, description="logit tolerance (default: 1e-4 fp32, 5e-2 half precision)")
+    require_runtimes: list[Literal["vllm", "llama.cpp", "peft"]] = Field(
+        default_factory=list, description="serving runtimes (vllm, llama.cpp, peft) whose preflight must pass, or "
+                                          "the run fails before MLflow and the Hub; the report is always made")
 
 
 class HubSettings(_Section):

@@ -43,7 +43,8 @@ def summary_markdown(summary: dict, flow_run_name: str | None = None) -> str:
             ("saved as", summary.get("saved_as") or ""),
             ("eval loss", f"{summary['eval_loss_before']:.4f} before training, {summary['eval_loss_after']:.4f} after"),
             ("verification", f"{'passed' if verification.get('passed') else 'FAILED'}: max abs logit difference "
-                             f"{verification.get('max_abs_diff'):.2e} (atol {verification.get('atol'):g})")]
+                             f"{verification.get('max_abs_diff'):.2e} (atol {verification.get('atol'):g})"),
+            ("will it serve", _serving(verification.get("serving") or {}))]
     if merged := summary.get("merged"):
         rows.append(("merged model", f"`{merged['path']}` ({merged['dtype']}, {merged['bytes']:,d} bytes)"))
     if tracked:
@@ -60,6 +61,12 @@ def summary_markdown(summary: dict, flow_run_name: str | None = None) -> str:
                                                      merged_push["commit_url"])))
     title = f"# Adapter run {flow_run_name}" if flow_run_name else "# Adapter run"
     return "\n".join([title, "", "| | |", "|---|---|", *(f"| {key} | {value} |" for key, value in rows if value)])
+
+
+def _serving(serving: dict) -> str:
+    """"vllm ok, llama.cpp fails use_rslora, peft ok" from the serving preflight's dict."""
+    return ", ".join(f"{runtime} " + (f"fails {', '.join(result['failed_rules'])}" if result["failed_rules"] else "ok")
+                     for runtime, result in serving.get("runtimes", {}).items())
 
 
 def report(summary: dict, flow_run_name: str | None = None) -> None:

@@ -127,3 +127,19 @@ def distributed_problems(training, device: str) -> list[str]:
                         f"{torch.cuda.device_count()} CUDA devices, one per process; use at most that many, or "
                         f"training.device=cpu.")
     return problems
+
+
+def serving_problems(params: SaveAdapterParameters, config) -> list[str]:
+    """verify.require_runtimes against the adapter_config.json the run will save (`adapterflow.serving.check_config`:
+    the rules that need no files), so a run a required runtime refuses fails before training, not after."""
+    if not params.verify.require_runtimes or config is None:
+        return []
+    from adapterflow.conversion import doubled_rank_config
+    from adapterflow.serving import check_config
+
+    if is_pissa(params.adapter.init) and params.save.convert_pissa_to_lora:
+        config = doubled_rank_config(config)
+    report = check_config(config.to_dict(), tuple(params.verify.require_runtimes))
+    return [f"verify.require_runtimes={params.verify.require_runtimes}: {r.runtime} {r.rule}: {r.message}"
+            for r in report.results if r.verdict == "fail"]
+

@@ -128,6 +128,11 @@ CASES = [
     (["--set", "export.max_shard_size=5Gb"], ["export.max_shard_size", "GB, MB, KB, GiB, MiB or KiB", "as bits"]),
     (["--set", "export.dtype=int8"], ["export.dtype", "'float32', 'bfloat16' or 'float16'"]),
     (["--set", "export.merge=true"], ["export.merge", "unknown parameter", "did you mean export.merged"]),
+    (["--set", "verify.require_runtimes=[vllm]", "--set", "adapter.bias=all"],
+     ["verify.require_runtimes=['vllm']: vllm bias: bias='all': vLLM refuses adapter biases"]),
+    (["--set", "verify.require_runtimes=[llama.cpp]", "--set", "adapter.use_rslora=true"],
+     ["llama.cpp use_rslora: use_rslora: llama.cpp will scale by alpha/r, off by sqrt(r)"]),
+    (["--set", "verify.require_runtimes=[tgi]"], ["verify.require_runtimes", "'vllm', 'llama.cpp' or 'peft'"]),
 ]
 
 
