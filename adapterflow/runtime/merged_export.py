@@ -18,7 +18,7 @@ from adapterflow import formats
 from adapterflow.atomic import staged_directory
 from adapterflow.merge import merge_adapter
 from adapterflow.model import AdapterModel
-from adapterflow.runtime.base_models import _quiet, load_base_model, load_tokenizer
+from adapterflow.runtime.base_models import no_progress_bars, load_base_model, load_tokenizer
 
 FP32_ATOL = 1e-5  # fp32 base and export: the merge is exact up to the order of fp32 sums
 
@@ -67,13 +67,13 @@ def export_merged_model(base_path: str | os.PathLike, adapter_dir: str | os.Path
     merged = merge_adapter(model, adapter_name=adapter_name)
     target = Path(target)
     with staged_directory(target, keep=lambda rel: False) as staging:  # old files of target are dropped
-        with _quiet():
+        with no_progress_bars():
             merged.save_pretrained(staging, max_shard_size=max_shard_size)
         del merged, model
         load_tokenizer(base_path).save_pretrained(staging)
         if card is not None:
             (staging / formats.MODEL_CARD_NAME).write_text(card)
-        with _quiet():
+        with no_progress_bars():
             reloaded = AutoModelForCausalLM.from_pretrained(str(staging)).eval()
         diff = (reloaded(**probe).logits.float() - expected).abs().max().item()
         loaded_dtype = reloaded.dtype
