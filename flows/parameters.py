@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from adapterflow import LoraConfig
 from adapterflow.flows import names
+from adapterflow.flows.parameters_promote import EvaluateSettings, PromoteSettings
 from adapterflow.init_methods import PIPELINE_INIT_PATTERN, init_lora_weights_for
 from adapterflow.model_references import BUILTIN_PREFIX, is_local_reference
 from adapterflow.redaction import redact_text, register_secret, url_password
@@ -200,6 +201,8 @@ class HubSettings(_Section):
     datasets: Optional[list[str]] = Field(None, description="Hub dataset ids for the model card")
     tags: list[str] = Field(default_factory=list, description="extra model card tags")
     timeout_seconds: float = Field(120, gt=0, description="timeout of one Hub request")
+    push_when_not_promoted: bool = Field(False, description="push also when the promotion gate did not promote the "
+                                                            "new version (default: only promoted versions)")
 
     @field_validator("repo_id")
     @classmethod
@@ -264,6 +267,8 @@ class SaveAdapterParameters(_Section):
     verify: VerifySettings = Field(default_factory=VerifySettings)
     mlflow: MlflowSettings = Field(default_factory=MlflowSettings)
     hub: HubSettings = Field(default_factory=HubSettings)
+    evaluate: EvaluateSettings = Field(default_factory=EvaluateSettings)
+    promote: PromoteSettings = Field(default_factory=PromoteSettings)
 
     @field_validator("run_name")
     @classmethod

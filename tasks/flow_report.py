@@ -51,6 +51,8 @@ def summary_markdown(summary: dict, flow_run_name: str | None = None) -> str:
                                             tracked.get("model_version_url"))))
     else:
         rows.append(("MLflow", "off (mlflow.enabled=false)"))
+    if promotion := summary.get("promotion"):
+        rows.append(("promotion", f"{'promoted' if promotion['promoted'] else 'not promoted'}: {promotion['reason']}"))
     rows.append(("Hub commit", _link(f"{pushed['repo_id']}@{pushed['commit_oid'][:12]}", pushed["commit_url"])
                  if pushed else "not pushed (no hub.repo_id)"))
     title = f"# Adapter run {flow_run_name}" if flow_run_name else "# Adapter run"
@@ -72,6 +74,8 @@ def report(summary: dict, flow_run_name: str | None = None) -> None:
         logger.info("MLflow run: %s", tracked.get("run_url") or f"{tracked['run_id']} in {tracked['tracking_uri']}")
         logger.info("MLflow model version: %s", tracked.get("model_version_url")
                     or f"{tracked['registered_model_name']} v{tracked['model_version']}")
+    if promotion := summary.get("promotion"):
+        logger.info("Promotion: %s (%s)", "promoted" if promotion["promoted"] else "not promoted", promotion["reason"])
     if pushed:
         logger.info("Hub commit: %s", pushed["commit_url"])
 

@@ -24,12 +24,15 @@ from adapterflow.tasks.run_plan import RunPlan
 
 @task(name="push-to-hub", **RETRY_OPTIONS, **RESULT_OPTIONS)
 def push_to_hub(plan: RunPlan, settings: HubSettings, mlflow_settings: MlflowSettings, saved: dict,
-                tracked: dict | None, flow_run_id: str):
+                tracked: dict | None, flow_run_id: str, skip_reason: str | None = None):
     """Returns {"repo_id", "commit_url", "commit_oid", "created_commit"}; pushing identical files again makes no
-    new commit and returns the existing one. {} (a "Skipped" state) without hub.repo_id."""
+    new commit and returns the existing one. {} (a "Skipped" state) without hub.repo_id, or with `skip_reason`
+    (the promotion gate did not promote, flows/parameters_promote.hub_push_allowed)."""
     install_log_redaction()
     if not settings.repo_id:
         return Completed(name="Skipped", message="Skipped: no hub.repo_id given", data={})
+    if skip_reason:
+        return Completed(name="Skipped", message=skip_reason, data={})
     folder = saved["output_dir"]
     mlflow_note = f", MLflow run {tracked['run_id']}" if tracked else ""
     result = push_adapter_folder(
