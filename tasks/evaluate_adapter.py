@@ -11,7 +11,6 @@ the MLflow registry (its adapter files only) and loaded onto the base its run re
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
@@ -20,10 +19,10 @@ from prefect.artifacts import create_table_artifact
 
 from adapterflow.flows.parameters import MlflowSettings, local_path
 from adapterflow.flows.parameters_promote import EvaluateSettings, PromoteSettings
-from adapterflow.model_references import BUILTIN_PREFIX, is_hub_dataset_id, is_hub_model_id
+from adapterflow.model_references import BUILTIN_PREFIX, is_hub_model_id
 from adapterflow.runtime.evaluation import ModelScore, evaluation_examples, load_model, score
 from adapterflow.tasks.retries import RESULT_OPTIONS, RETRY_OPTIONS, is_transient
-from adapterflow.tasks.run_plan import DTYPES, RunPlan
+from adapterflow.tasks.run_plan import DTYPES, RunPlan, evaluation_spec
 
 IDENTITY_INITS = (True, "gaussian")  # init_lora_weights values with lora_B = 0: the base model's outputs
 
@@ -64,12 +63,7 @@ def plan_examples(plan: RunPlan, settings: EvaluateSettings):
     """The evaluation examples: evaluate.dataset (read with the dataset section's columns and template) or the
     run's held-out split."""
     spec = plan.data_spec()
-    separate = None
-    if settings.dataset:
-        path = settings.dataset
-        if not (path.startswith(BUILTIN_PREFIX) or is_hub_dataset_id(path)):
-            path = str(local_path(path))
-        separate = replace(spec, path=path, split=settings.split, revision=None)
+    separate = evaluation_spec(settings, spec)
     return evaluation_examples(spec, plan.eval_fraction, plan.training_settings().seed, separate)
 
 

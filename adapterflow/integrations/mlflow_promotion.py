@@ -52,12 +52,21 @@ def champion(settings, uri: str, name: str, alias: str) -> Optional[dict]:
         holder = alias_holder(client, name, alias)
         if holder is None:
             return None
-        model = client.get_logged_model(holder.model_id) if getattr(holder, "model_id", None) else None
+        model_id = getattr(holder, "model_id", None) or _logged_model_id(holder.source)
+        model = client.get_logged_model(model_id) if model_id else None
     params = dict(model.params) if model is not None else {}
-    return {"version": str(holder.version), "run_id": holder.run_id, "model_id": getattr(holder, "model_id", None),
+    return {"version": str(holder.version), "run_id": holder.run_id, "model_id": model_id,
             "artifact_location": model.artifact_location if model is not None else None,
             **{key: params.get(key) for key in ("base_model", "base_model.name_or_path", "base_model.dtype",
                                                  "adapter.name")}}
+
+
+def _logged_model_id(source: Optional[str]) -> Optional[str]:
+    """The LoggedModel id of a version whose source is `models:/m-<id>` (a sqlite store leaves the version's
+    model_id empty; mlflow_registry.model_version creates versions with that source)."""
+    if source and source.startswith("models:/m-") and "/" not in source[len("models:/"):]:
+        return source[len("models:/"):]
+    return None
 
 
 def download_champion_adapter(settings, uri: str, holder: dict, target: str | Path) -> Path:

@@ -7,13 +7,13 @@ import math
 import peft
 import pytest
 import torch
-import torch.nn.functional as F
 
 from adapterflow import LoraConfig, get_adapter_model
 from adapterflow.runtime.base_models import load_base_model, load_tokenizer, resolve_base_model
-from adapterflow.runtime.data import IGNORE_INDEX, DataSpec, load_examples, split_examples, tokenize
+from adapterflow.runtime.data import DataSpec, load_examples, split_examples, tokenize
 from adapterflow.runtime.evaluation import evaluation_examples, exact_match_rate, load_model, score
 from adapterflow.runtime.gate import decide
+from eval_oracle import direct_loss
 
 SEED, FRACTION, MAX_LEN = 3, 0.1, 32
 
@@ -32,17 +32,6 @@ def setup(tmp_path_factory):
     torch.set_num_threads(threads)
 
 
-def direct_loss(model, tokenizer, examples) -> float:
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for example in tokenize(examples, tokenizer, MAX_LEN):
-            logits = model(input_ids=torch.tensor([example.input_ids])).logits[0]
-            labels = torch.tensor(example.labels)
-            total += F.cross_entropy(logits[:-1], labels[1:], ignore_index=IGNORE_INDEX, reduction="sum").item()
-            count += int((labels[1:] != IGNORE_INDEX).sum())
-    return total / count
-
-
 def test_the_split_is_trainings_held_out_part():
     examples = load_examples(DataSpec("builtin:instructions"))
     assert evaluation_examples(DataSpec("builtin:instructions"), FRACTION, SEED) == \
@@ -53,8 +42,9 @@ def test_loss_and_perplexity_equal_a_direct_computation(setup):
     base, adapter, examples, tokenizer = setup
     ours_base = score(load_model(base), tokenizer, examples, max_seq_len=MAX_LEN, batch_size=7)
     ours_new = score(load_model(base, adapter_dir=adapter), tokenizer, examples, max_seq_len=MAX_LEN, batch_size=5)
-    oracle_base = direct_loss(load_base_model(base), tokenizer, examples)
-    oracle_new = direct_loss(peft.PeftModel.from_pretrained(load_base_model(base), adapter).eval(), tokenizer, examples)
+    oracle_base = direct_loss(load_base_model(base), tokenizer, examples, MAX_LEN)
+    oracle_new = direct_loss(peft.PeftModel.from_pretrained(load_base_model(base), adapter).eval(), tokenizer,
+                             examples, MAX_LEN)
     assert ours_base.loss == pytest.approx(oracle_base, rel=1e-5)
     assert ours_new.loss == pytest.approx(oracle_new, rel=1e-5)
     assert abs(ours_new.loss - ours_base.loss) > 1e-3  # the adapter changes the model: the two are not one number
