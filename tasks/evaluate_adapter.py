@@ -31,7 +31,7 @@ IDENTITY_INITS = (True, "gaussian")  # init_lora_weights values with lora_B = 0:
 def evaluate_adapter(plan: RunPlan, settings: EvaluateSettings, promote: PromoteSettings, mlflow: MlflowSettings,
                      training: dict, saved: dict) -> dict:
     """Returns {"base", "new", "champion" (ModelScore dicts; champion None without a holder), "champion_version",
-    "champion_problem" (why the holder could not be evaluated), "alias", "registered_model_name", "dataset",
+    "champion_problem" (why the holder could not be evaluated; "champion_unreachable" when MLflow was), "alias", "registered_model_name", "dataset",
     "examples"}. The holder is looked up only when the gate runs (promote.enabled and mlflow.enabled)."""
     from adapterflow.runtime.base_models import load_tokenizer
 
@@ -53,6 +53,9 @@ def evaluate_adapter(plan: RunPlan, settings: EvaluateSettings, promote: Promote
     create_table_artifact(key="evaluation", table=evaluation_rows(result),
                           description=f"Eval loss, perplexity and exact match on {result['dataset']} "
                                       f"({len(examples)} examples)")
+    if result["champion_problem"]:
+        get_run_logger().warning("The %s holder (version %s) could not be evaluated: %s", promote.alias,
+                                 result["champion_version"], result["champion_problem"])
     get_run_logger().info("Eval loss: base %.4f, new %.4f%s", base.loss, new.loss,
                           f", {promote.alias} (version {result['champion_version']}) {result['champion']['loss']:.4f}"
                           if result["champion"] else "")
@@ -71,14 +74,18 @@ def champion_scores(plan: RunPlan, settings: EvaluateSettings, promote: PromoteS
                     examples, holder: Optional[dict] = None) -> dict:
     """The alias holder's part of the result: {"registered_model_name", "champion", "champion_version",
     "champion_problem"}; `holder` (mlflow_promotion.champion) is looked up when not given."""
-    from adapterflow.integrations.mlflow_logging import registered_model_name, resolve_tracking_uri
+    from adapterflow.integrations.mlflow_logging import (MlflowUnavailableError, registered_model_name,
+                                                         resolve_tracking_uri)
     from adapterflow.integrations.mlflow_promotion import champion, download_champion_adapter, temporary_folder
     from adapterflow.runtime.base_models import load_tokenizer
 
     name = registered_model_name(mlflow, plan.model_dump(mode="json"))
     uri = resolve_tracking_uri(mlflow, local_path(plan.parameters["runs_root"]))
-    holder = holder or champion(mlflow, uri, name, promote.alias)
     found = {"registered_model_name": name, "champion": None, "champion_version": None, "champion_problem": None}
+    try:
+        holder = holder or champion(mlflow, uri, name, promote.alias)
+    except MlflowUnavailableError as exc:  # log-to-mlflow reports (and retries) that; promote-adapter asks again
+        return {**found, "champion_problem": str(exc)[:500], "champion_unreachable": True}
     if holder is None:
         return found
     found["champion_version"] = holder["version"]

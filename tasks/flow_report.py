@@ -65,6 +65,8 @@ def report(summary: dict, flow_run_name: str | None = None) -> None:
                              description="What this run produced, with links to MLflow and the Hub")
     logger = get_run_logger()
     tracked, pushed = summary.get("mlflow") or {}, summary.get("hub") or {}
+    if promotion := summary.get("promotion"):  # first: the adapter folder and the links stay the last lines
+        logger.info("Promotion: %s (%s)", "promoted" if promotion["promoted"] else "not promoted", promotion["reason"])
     logger.info("Adapter: %s", summary["adapter_dir"])
     logger.info("Eval loss: %.4f -> %.4f; verification %s (max abs logit difference %.2e)",
                 summary["eval_loss_before"], summary["eval_loss_after"],
@@ -74,8 +76,6 @@ def report(summary: dict, flow_run_name: str | None = None) -> None:
         logger.info("MLflow run: %s", tracked.get("run_url") or f"{tracked['run_id']} in {tracked['tracking_uri']}")
         logger.info("MLflow model version: %s", tracked.get("model_version_url")
                     or f"{tracked['registered_model_name']} v{tracked['model_version']}")
-    if promotion := summary.get("promotion"):
-        logger.info("Promotion: %s (%s)", "promoted" if promotion["promoted"] else "not promoted", promotion["reason"])
     if pushed:
         logger.info("Hub commit: %s", pushed["commit_url"])
 

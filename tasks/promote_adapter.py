@@ -84,6 +84,9 @@ def promote_adapter(plan: RunPlan, settings: EvaluateSettings, promote: PromoteS
         log_evaluation(mlflow, uri, tracked["run_id"], tracked.get("model_id"), evaluation_metrics(evaluation))
     if not promote.enabled:
         return Completed(name="Skipped", message="Skipped: promote.enabled=false", data={})
+    if evaluation.get("champion_unreachable"):  # MLflow was down during evaluate-adapter: look the holder up now
+        evaluation = {**evaluation, "champion_unreachable": False,
+                      **champion_scores(plan, settings, promote, mlflow, plan_examples(plan, settings))}
     decision = gate_decision(promote, evaluation)
     if propose_only:
         return {"decision": decision}
