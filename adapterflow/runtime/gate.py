@@ -74,18 +74,18 @@ def decide(metric: str, new: Optional[float], base: Optional[float], champion: O
     if require_better_than_base and over_base is None:
         return verdict(False, f"the base model's {metric} could not be measured ({base})")
     if require_better_than_base and over_base <= 0:
-        return verdict(False, f"{metric} {new:.6g} is not better than the base model's {base:.6g}")
+        return verdict(False, f"new {metric} {new:.6g} is not better than the base model's {base:.6g}")
     if champion_problem:
         return verdict(False, f"the alias holder (version {champion_version}) could not be evaluated: "
                               f"{champion_problem}")
     if champion_version is None:
         base_note = f", better than the base model's {base:.6g}" if over_base is not None else ""
-        return verdict(True, f"first version under the alias: {metric} {new:.6g}{base_note}")
+        return verdict(True, f"first version under the alias: new {metric} {new:.6g}{base_note}")
     if over_champion is None:
         return verdict(False, f"version {champion_version}'s {metric} could not be measured ({champion})")
     if over_champion <= 0 or over_champion < min_improvement:
         need = f" by at least {min_improvement:g}" if min_improvement > 0 else ""
-        return verdict(False, f"{metric} {new:.6g} is not better than version {champion_version}'s "
+        return verdict(False, f"new {metric} {new:.6g} is not better than version {champion_version}'s "
                               f"{champion:.6g}{need} (improvement {over_champion:.6g})")
-    return verdict(True, f"{metric} {new:.6g} beats version {champion_version}'s {champion:.6g} by "
+    return verdict(True, f"new {metric} {new:.6g} beats version {champion_version}'s {champion:.6g} by "
                          f"{over_champion:.6g}")
