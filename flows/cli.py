@@ -153,6 +153,8 @@ def _print_summary(summary: dict) -> None:
     if tracked:
         print(f"mlflow run:      {tracked['run_id']} ({tracked['run_url'] or tracked['tracking_uri']}); "
               f"model {tracked['registered_model_name']} v{tracked['model_version']}")
+    if promotion := summary.get("promotion"):
+        print(f"promotion:       {'promoted' if promotion['promoted'] else 'not promoted'}: {promotion['reason']}")
     if summary["hub"]:
         print(f"hub commit:      {summary['hub']['commit_url']}")
 

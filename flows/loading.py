@@ -136,9 +136,9 @@ def merge(base: dict, updates: dict) -> dict:
 
 def resolve_paths(data: dict, base: Path) -> dict:
     """Make the path parameters of a parameter dict absolute against `base` (a --config file's folder, or the
-    current directory for --set): runs_root, save.output_dir, dataset.path unless it is a Hub dataset id;
-    dataset.chat_template when it is a file name, not a template; base_model.name_or_path when it names a local
-    folder (`is_local_reference`). Hub ids and builtin: names stay as they are. Returns `data`."""
+    current directory for --set): runs_root, save.output_dir, dataset.path and evaluate.dataset unless they are
+    Hub dataset ids; dataset.chat_template when it is a file name, not a template; base_model.name_or_path when
+    it names a local folder (`is_local_reference`). Hub ids and builtin: names stay as they are. Returns `data`."""
     def fix(section: str, key: str, always: bool, unless=lambda value: False) -> None:
         node = data.get(section) if section else data
         value = node.get(key) if isinstance(node, dict) else None
@@ -150,6 +150,7 @@ def resolve_paths(data: dict, base: Path) -> dict:
     fix("save", "output_dir", always=True)
     fix("dataset", "path", always=True, unless=lambda value: is_hub_dataset_id(value, base))
     fix("dataset", "chat_template", always=True, unless=is_template_text)
+    fix("evaluate", "dataset", always=True, unless=lambda value: is_hub_dataset_id(value, base))
     fix("base_model", "name_or_path", always=False)
     return data
 

@@ -8,6 +8,7 @@ import re
 import torch
 
 from adapterflow.flows.parameters import SaveAdapterParameters
+from adapterflow.flows.parameters_promote import PREVIOUS_ALIAS, promotion_active
 from adapterflow.init_methods import is_pissa, is_randomized_pissa
 
 
@@ -66,7 +67,7 @@ def combination_problems(params: SaveAdapterParameters) -> list[str]:
     if selected is not None and selected != [params.adapter.name]:
         problems.append(f"save.selected_adapters={selected}: this run trains one adapter, "
                         f"{params.adapter.name!r}; use [{params.adapter.name!r}] or null.")
-    return problems + export_problems(params)
+    return problems + export_problems(params) + promotion_problems(params)
 
 
 def export_problems(params: SaveAdapterParameters) -> list[str]:
@@ -97,6 +98,22 @@ def export_problems(params: SaveAdapterParameters) -> list[str]:
         problems.append(f"hub.merged_repo_id={hub.merged_repo_id!r} is also hub.repo_id: transformers loads a repo "
                         f"holding adapter_config.json as the adapter, not as the merged model; use another repo "
                         f"for the merged model.")
+    return problems
+
+
+def promotion_problems(params: SaveAdapterParameters) -> list[str]:
+    """The promote and evaluate sections against MLflow's: the gate moves an alias of the registered model."""
+    promote, problems = params.promote, []
+    if promote.explicitly_enabled() and not params.mlflow.enabled:
+        problems.append("promote.enabled=true needs mlflow.enabled=true: the gate moves an alias of the MLflow "
+                        "registered model; set mlflow.enabled=true, or promote.enabled=false.")
+    if promotion_active(params) and params.mlflow.alias in (promote.alias, PREVIOUS_ALIAS):
+        problems.append(f"mlflow.alias={params.mlflow.alias!r} is an alias the promotion gate manages (promote.alias="
+                        f"{promote.alias!r}, and {PREVIOUS_ALIAS!r} for its former holder): log-to-mlflow would move "
+                        f"it to every new version; use another mlflow.alias (e.g. candidate), or none.")
+    if promote.enabled and promote.metric == "exact_match" and not params.evaluate.exact_match:
+        problems.append("promote.metric=exact_match needs evaluate.exact_match=true (exact match is only measured "
+                        "then); set it, or use promote.metric=eval_loss.")
     return problems
 
 

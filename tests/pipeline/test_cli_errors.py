@@ -133,6 +133,22 @@ CASES = [
     (["--set", "verify.require_runtimes=[llama.cpp]", "--set", "adapter.use_rslora=true"],
      ["llama.cpp use_rslora: use_rslora: llama.cpp will scale by alpha/r, off by sqrt(r)"]),
     (["--set", "verify.require_runtimes=[tgi]"], ["verify.require_runtimes", "'vllm', 'llama.cpp' or 'peft'"]),
+    (["--set", "mlflow.enabled=false", "--set", "promote.enabled=true"],
+     ["promote.enabled=true needs mlflow.enabled=true", "promote.enabled=false"]),
+    (["--set", "mlflow.alias=champion"], ["mlflow.alias='champion'", "promote.alias='champion'", "e.g. candidate"]),
+    (["--set", "mlflow.alias=previous"], ["mlflow.alias='previous'", "former holder"]),
+    (["--set", "promote.metric=exact_match"], ["promote.metric=exact_match needs evaluate.exact_match=true"]),
+    (["--set", "promote.metric=accuracy"], ["promote.metric", "'eval_loss', 'perplexity' or 'exact_match'"]),
+    (["--set", "promote.alias=previous"], ["promote.alias", "the alias the former holder gets"]),
+    (["--set", "promote.alias=v2"], ["promote.alias", "reserves the alias 'latest' and version aliases"]),
+    (["--set", "promote.min_improvement=-0.1"], ["promote.min_improvement", "greater than or equal to 0"]),
+    (["--set", "promote.approval_timeout_minutes=0"], ["promote.approval_timeout_minutes", "greater than 0"]),
+    (["--set", "promote.aliass=gold"], ["promote.aliass", "unknown parameter", "did you mean promote.alias"]),
+    (["--set", "evaluate.max_new_tokens=0"], ["evaluate.max_new_tokens", "greater than or equal to 1"]),
+    (["--set", "evaluate.dataset=missing.jsonl"], ["evaluate.dataset", "missing.jsonl", "not found"]),
+    (["--set", "evaluate.dataset=data.jsonl", "--set", "evaluate.split=test"],
+     ["evaluate.dataset", "data.jsonl has no split 'test'"]),
+    (["--set", "hub.push_when_not_promoted=maybe"], ["hub.push_when_not_promoted", "valid boolean"]),
 ]
 
 

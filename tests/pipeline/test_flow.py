@@ -15,7 +15,7 @@ from flow_helpers import artifacts, run_flow, task_runs
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 STEPS = ("prepare-run", "train-adapter", "extract-adapter", "convert-pissa-to-lora", "save-adapter", "verify-adapter",
-         "export-merged", "log-to-mlflow", "push-to-hub")
+         "export-merged", "evaluate-adapter", "log-to-mlflow", "promote-adapter", "push-to-hub")
 
 
 def test_pissa_run_trains_converts_saves_and_verifies(tmp_path):
@@ -35,7 +35,7 @@ def test_pissa_run_trains_converts_saves_and_verifies(tmp_path):
 
     runs = task_runs(state)
     assert set(runs) == set(STEPS)
-    optional = {"export-merged", "log-to-mlflow", "push-to-hub"}  # off here: no export.merged, mlflow.enabled=false, no hub.repo_id
+    optional = {"export-merged", "log-to-mlflow", "promote-adapter", "push-to-hub"}  # off: no export.merged, mlflow.enabled=false, no hub.repo_id
     assert all(run.state.name == "Completed" for name, run in runs.items() if name not in optional)
     assert all(runs[name].state.name == "Skipped" for name in optional)
 
