@@ -149,6 +149,9 @@ CASES = [
     (["--set", "evaluate.dataset=data.jsonl", "--set", "evaluate.split=test"],
      ["evaluate.dataset", "data.jsonl has no split 'test'"]),
     (["--set", "hub.push_when_not_promoted=maybe"], ["hub.push_when_not_promoted", "valid boolean"]),
+    (["--set", "mlflow.tracking_uri=htp://localhost:5000"],
+     ["mlflow.tracking_uri='htp://localhost:5000'", "no tracking store for the scheme 'htp'", "http(s)://host:port"]),
+    (["--set", "mlflow.tracking_uri=s3://bucket/mlruns"], ["scheme 's3'", "mlflow.enabled=false"]),
 ]
 
 
@@ -196,6 +199,24 @@ def test_bad_name_is_one_clear_message(user_folder, capfd, overrides, fragment):
     err = capfd.readouterr().err
     assert exit_info.value.code == 2 and fragment in err and "Traceback" not in err, err
     assert "Beginning flow run" not in err and snapshot(user_folder) == before
+
+
+def test_a_tracking_uri_from_the_environment_is_checked_too(user_folder, capfd, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "htps://bob:pw-123456@mlflow.example")
+    before = snapshot(user_folder)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["run", "--set", "training.steps=1"])
+    err = capfd.readouterr().err
+    assert exit_info.value.code == 2 and "$MLFLOW_TRACKING_URI=" in err and "scheme 'htps'" in err, err
+    assert "pw-123456" not in err and snapshot(user_folder) == before
+
+
+def test_the_tracking_uri_schemes_are_mlflows():
+    from mlflow.tracking._tracking_service.utils import _tracking_store_registry
+
+    from adapterflow.tasks.parameter_checks import MLFLOW_URI_SCHEMES
+
+    assert sorted(MLFLOW_URI_SCHEMES) == sorted(_tracking_store_registry._registry)
 
 
 def test_a_base_model_url_is_refused_without_its_password(user_folder, capfd):
