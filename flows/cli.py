@@ -73,10 +73,11 @@ def run_command(config_file: str | None, overrides: list[str], debug: bool = Fal
         Whatever the flow failed with, once it ran.
     """
     from adapterflow.flows.loading import load_parameters
+    from adapterflow.tasks.prepare_run import check_rerun
     from adapterflow.tasks.run_plan import check_run
 
     parameters = load_parameters(config_file, overrides)
-    check_run(parameters)
+    check_rerun(parameters, check_run(parameters))
     from adapterflow.flows.server import handle_termination, temporary_prefect_api
 
     with handle_termination(), temporary_prefect_api():  # SIGTERM acts as Ctrl-C; no server outlives the command
