@@ -164,14 +164,27 @@ def describe_validation_errors(exc, sources: dict[str, str]) -> list[str]:
         message = error["msg"].removeprefix("Value error, ")
         if error["type"] == "extra_forbidden":
             message = "unknown parameter" + _did_you_mean(path)
+        elif error["input"] is None and error["type"].endswith("_type"):  # `--set key=` or `key: null`
+            message = (f"needs a value ({error['msg'].removeprefix('Input should be ').rstrip('.')}); an empty "
+                       f"value or null means none, which this parameter does not take: give one, or leave the "
+                       f"key out for its default")
         elif error["type"] == "string_pattern_mismatch" and (help_text := _description(path)):
-            message = f"{message} ({help_text})"
+            rule = f"{error['input']!r} {_PATTERN_RULES[path]}" if path in _PATTERN_RULES else message
+            message = f"{rule} ({help_text})"
         elif path in sources or "." in path:
             message = f"{message} (got {error['input']!r})" if not isinstance(error["input"], dict) else message
         described.setdefault(path, [])
         if message not in described[path]:
             described[path].append(message)
     return [f"{path}{_source(path, sources)}: {'; '.join(messages)}" for path, messages in described.items()]
+
+
+# Field patterns in words, with an example (the pattern itself in flows/parameters.py).
+_PATTERN_RULES = {
+    "run_name": "is not a plain name: use letters, digits, '_', '.' and '-', starting with a letter or digit, "
+                "e.g. 'qwen-chat-1'",
+    "adapter.name": "is not a plain name: use letters, digits, '_' and '-', e.g. 'default' or 'chat_v2'",
+}
 
 
 def _parameter_path(loc: tuple) -> str:

@@ -152,6 +152,8 @@ CASES = [
     (["--set", "mlflow.tracking_uri=htp://localhost:5000"],
      ["mlflow.tracking_uri='htp://localhost:5000'", "no tracking store for the scheme 'htp'", "http(s)://host:port"]),
     (["--set", "mlflow.tracking_uri=s3://bucket/mlruns"], ["scheme 's3'", "mlflow.enabled=false"]),
+    (["--set", "mlflow.experiment="], ["mlflow.experiment (--set mlflow.experiment=): needs a value", "leave the key out"]),
+    (["--set", "run_name=a/b"], ["'a/b' is not a plain name", "e.g. 'qwen-chat-1'"]),
 ]
 
 
