@@ -234,5 +234,6 @@ def _did_you_mean(path: str) -> str:
 
 
 def _source(path: str, sources: dict[str, str]) -> str:
-    where = sources.get(path)
+    """Where a key was given; for a section (an unknown `trainig`), where its first key was given."""
+    where = sources.get(path) or next((w for key, w in sources.items() if key.startswith(path + ".")), None)
     return f" ({where})" if where else ""

@@ -169,7 +169,8 @@ class TrainingParameters(_Section):
     @model_validator(mode="after")
     def _steps_or_epochs(self) -> "TrainingParameters":
         if (self.steps is None) == (self.epochs is None):
-            raise ValueError("set exactly one of training.steps and training.epochs")
+            raise ValueError("set exactly one of training.steps and training.epochs (to train by epochs over a "
+                             "config that sets steps: --set training.steps=null --set training.epochs=N)")
         return self
 
 
