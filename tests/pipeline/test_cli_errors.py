@@ -23,6 +23,8 @@ FILES = {
     "broken.jsonl": '{"text": "ok"}\n{"text": \n',
     "nofields.jsonl": '{"text": "ok"}\n{"other": 1}\n',
     "empty.jsonl": "",
+    "role.jsonl": '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}\n'
+                  '{"messages": [{"role": "user", "content": "hi"}, {"role": "assitant", "content": "hello"}]}\n',
     "data.xml": "<rows/>\n",
     "cols.csv": "body\nhello\n",
     "typed.jsonl": '{"text": "ok"}\n{"text": 5}\n',
@@ -154,6 +156,9 @@ CASES = [
     (["--set", "mlflow.tracking_uri=s3://bucket/mlruns"], ["scheme 's3'", "mlflow.enabled=false"]),
     (["--set", "mlflow.experiment="], ["mlflow.experiment (--set mlflow.experiment=): needs a value", "leave the key out"]),
     (["--set", "run_name=a/b"], ["'a/b' is not a plain name", "e.g. 'qwen-chat-1'"]),
+    (["--set", "dataset.path=role.jsonl"], ["role.jsonl, line 2", "no 'assistant' message", "'assitant'"]),
+    (["--set", "trainig.steps=5"], ["trainig (--set trainig.steps=5): unknown parameter", "did you mean training"]),
+    (["--set", "base_model.name_or_path=sub/Qwen2.5-0.5B"], ["No folder sub/Qwen2.5-0.5B here"]),
 ]
 
 
