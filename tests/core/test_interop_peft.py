@@ -12,19 +12,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from adapterflow import AdapterModel, LoraConfig, get_adapter_model
-from tiny import logits, randomize_adapters
+from tiny import ADAPTER_CASES, logits, randomize_adapters
 
-CASES = {
-    "default": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
-    "all_linear_rslora": dict(r=4, lora_alpha=8, target_modules="all-linear", use_rslora=True),
-    "patterns": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
-                     rank_pattern={"down_proj": 2}, alpha_pattern={"v_proj": 16}),
-    "modules_to_save": dict(r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["lm_head"]),
-    "embed_tokens": dict(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"]),
-    "pissa": dict(r=4, lora_alpha=8, target_modules=["q_proj", "o_proj", "up_proj"], init_lora_weights="pissa"),
-    "bias_lora_only": dict(r=4, lora_alpha=8, target_modules=["q_proj"], bias="lora_only"),
-    "bias_all": dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj"], bias="all"),
-}
+CASES = ADAPTER_CASES
 ATOL = 1e-5
 
 

@@ -11,18 +11,9 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from adapterflow import AdapterModel, LoraConfig, get_adapter_model
 from adapterflow.layers import AdapterLayer
 from adapterflow.merge import merge_adapter
-from tiny import load_llama, logits, randomize_adapters
+from tiny import ADAPTER_CASES, load_llama, logits, randomize_adapters
 
-CASES = {
-    "default": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
-    "all_linear_rslora": dict(r=4, lora_alpha=8, target_modules="all-linear", use_rslora=True),
-    "patterns": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
-                     rank_pattern={"down_proj": 2}, alpha_pattern={"v_proj": 16}),
-    "modules_to_save": dict(r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["lm_head"]),
-    "embed_tokens": dict(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"]),
-    "bias_lora_only": dict(r=4, lora_alpha=8, target_modules=["q_proj"], bias="lora_only"),
-    "bias_all": dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj"], bias="all"),
-}
+CASES = {name: config for name, config in ADAPTER_CASES.items() if name != "pissa"}  # PiSSA: below
 ATOL = 1e-5
 
 

@@ -12,18 +12,14 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 
 from flow_helpers import artifacts, run_flow, task_runs
-from hub_server import HubServer, isolated_hub_client
+from hub_server import module_hub_fixture
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 TOKEN = "hf_flowtest_secret_token_value"
 REPO = "tester/flow-adapter"
 
 
-@pytest.fixture(scope="module")
-def hub(tmp_path_factory):
-    with isolated_hub_client(tmp_path_factory.mktemp("hf-home")), \
-            HubServer(tmp_path_factory.mktemp("hub"), token=TOKEN) as server:
-        yield server
+hub = module_hub_fixture(TOKEN)
 
 
 def flow_logs(flow_run_id: str, until: str | None = None, timeout: float = 20) -> str:

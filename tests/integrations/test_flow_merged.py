@@ -14,17 +14,13 @@ from transformers import AutoModelForCausalLM
 
 from adapterflow.runtime.base_models import load_base_model
 from flow_helpers import artifacts, flow_logs, run_flow, task_runs
-from hub_server import HubServer, isolated_hub_client
+from hub_server import module_hub_fixture
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 TOKEN = "hf_mergedtest_secret_token_value"
 
 
-@pytest.fixture(scope="module")
-def hub(tmp_path_factory):
-    with isolated_hub_client(tmp_path_factory.mktemp("hf-home")), \
-            HubServer(tmp_path_factory.mktemp("hub"), token=TOKEN) as server:
-        yield server
+hub = module_hub_fixture(TOKEN)
 
 
 def files_of(folder: Path) -> dict[str, bytes]:

@@ -22,18 +22,14 @@ from adapterflow.runtime.data import DataSpec
 from adapterflow.runtime.evaluation import evaluation_examples
 from eval_oracle import direct_loss
 from flow_helpers import TINY_TRAINING, artifacts, run_flow, task_runs
-from hub_server import HubServer, isolated_hub_client
+from hub_server import module_hub_fixture
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 TOKEN = "hf_promotion_test_token_value"
 REPO = "tester/promoted-adapter"
 
 
-@pytest.fixture(scope="module")
-def hub(tmp_path_factory):
-    with isolated_hub_client(tmp_path_factory.mktemp("hf-home")), \
-            HubServer(tmp_path_factory.mktemp("hub"), token=TOKEN) as server:
-        yield server
+hub = module_hub_fixture(TOKEN)
 
 
 @pytest.fixture(autouse=True)

@@ -214,3 +214,17 @@ def isolated_hub_client(home: Path):
         mp.setattr(constants, "HF_HUB_CACHE", str(home / "hub"))
         mp.setattr(constants, "HF_TOKEN_PATH", str(home / "token"))
         yield home
+
+
+def module_hub_fixture(token: str):
+    """A module-scoped pytest fixture: a HubServer requiring `token`, with the huggingface_hub client isolated
+    (its own HF_HOME) for the module. Use as `hub = module_hub_fixture(TOKEN)` in a test module."""
+    import pytest
+
+    @pytest.fixture(scope="module")
+    def hub(tmp_path_factory):
+        with isolated_hub_client(tmp_path_factory.mktemp("hf-home")), \
+                HubServer(tmp_path_factory.mktemp("hub"), token=token) as server:
+            yield server
+
+    return hub

@@ -63,3 +63,17 @@ def training_job(run_dir, **training):
     return TrainingJob(run_dir=str(run_dir), adapter_name="default", base_model_path=base, dtype="float32",
                        dataset={"path": "builtin:instructions"}, eval_fraction=0.02, max_seq_len=24,
                        lora_config=config.to_dict(), training=settings)
+
+
+# Adapter configs that cover PEFT's features (the interop and merge tests run each against PEFT).
+ADAPTER_CASES = {
+    "default": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+    "all_linear_rslora": dict(r=4, lora_alpha=8, target_modules="all-linear", use_rslora=True),
+    "patterns": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                     rank_pattern={"down_proj": 2}, alpha_pattern={"v_proj": 16}),
+    "modules_to_save": dict(r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["lm_head"]),
+    "embed_tokens": dict(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"]),
+    "pissa": dict(r=4, lora_alpha=8, target_modules=["q_proj", "o_proj", "up_proj"], init_lora_weights="pissa"),
+    "bias_lora_only": dict(r=4, lora_alpha=8, target_modules=["q_proj"], bias="lora_only"),
+    "bias_all": dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj"], bias="all"),
+}
