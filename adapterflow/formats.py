@@ -16,6 +16,9 @@ BIN_WEIGHTS_NAME = "adapter_model.bin"
 WEIGHTS_NAMES = (SAFETENSORS_WEIGHTS_NAME, BIN_WEIGHTS_NAME)  # load order: safetensors first
 CONFIG_NAME = "adapter_config.json"
 MODEL_CARD_NAME = "README.md"
+# adapterflow's integrity manifest (adapterflow.manifest): digests of the files above and the base's fingerprint.
+# PEFT, vLLM and llama.cpp open the files above by name and never list the folder, so they ignore it.
+MANIFEST_NAME = "adapterflow.json"
 SAFETENSORS_METADATA = {"format": "pt"}
 
 # The adapter called "default" lives at the root of a save directory, every other one in a subfolder.
