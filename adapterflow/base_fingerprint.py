@@ -49,7 +49,7 @@ def base_fingerprint(model: nn.Module, state_keys: Iterable[str], hub_commit: st
     paths = sorted({_module_path(key) for key in state_keys})
     shapes = {path: _base_weight_shape(model, path) for path in paths}
     return {
-        "architecture": type(model).__name__,
+        "architecture": _class_name(model),
         "model_type": getattr(config, "model_type", None) or None,
         "hidden_size": getattr(text_config, "hidden_size", None),
         "num_hidden_layers": getattr(text_config, "num_hidden_layers", None),
@@ -98,6 +98,15 @@ def _plain(model: nn.Module) -> nn.Module:
     from adapterflow.model import AdapterModel  # the model module imports the save path, which imports this one
 
     return model.get_base_model() if isinstance(model, AdapterModel) else model
+
+
+def _class_name(model: nn.Module) -> str:
+    """The model's class name; for a model sharded by torch's fully_shard (class `FSDP<name>`), the original's."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch build without torch.distributed
+        return type(model).__name__
+    return next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule)).__name__
 
 
 def _module_path(key: str) -> str:
