@@ -182,7 +182,8 @@ def test_other_weights_format_replaces_the_stale_file(model, hub):
     push(model, hub, "tester/formats")
     push(model, hub, "tester/formats", safe_serialization=False)
     files = set(hub.commits("tester/formats")[0]["files"])
-    assert files == {".gitattributes", "README.md", "adapter_config.json", "adapter_model.bin"}
+    assert files == {".gitattributes", "README.md", "adapter_config.json", "adapter_model.bin",
+                     "adapterflow.json"}
 
 
 def test_503_on_commit_and_create_repo_are_retried(model, hub, no_client_backoff, caplog):
