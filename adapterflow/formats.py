@@ -14,6 +14,7 @@ from pathlib import Path
 SAFETENSORS_WEIGHTS_NAME = "adapter_model.safetensors"
 BIN_WEIGHTS_NAME = "adapter_model.bin"
 WEIGHTS_NAMES = (SAFETENSORS_WEIGHTS_NAME, BIN_WEIGHTS_NAME)  # load order: safetensors first
+PT_WEIGHTS_NAME = "adapter_model.pt"  # vLLM's third choice (vllm/lora/lora_model.py); PEFT never writes it
 CONFIG_NAME = "adapter_config.json"
 MODEL_CARD_NAME = "README.md"
 # adapterflow's integrity manifest (adapterflow.manifest): digests of the files above and the base's fingerprint.

@@ -133,10 +133,13 @@ class LoraLayer(AdapterLayer):
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Add the active adapters' updates into the base weight."""
+        """Add the active adapters' updates into the base weight: the sum is formed in fp32 and rounded to the
+        weight's dtype once (PEFT rounds each delta first, then the sum: two roundings for a half-precision base)."""
         weight = self.base_weight_matrix()
+        merged = weight.float()  # the weight itself when it is fp32
         for adapter in self.active_adapters:
-            weight.add_(self.delta_weight(adapter).to(weight.dtype))
+            merged += self.delta_weight(adapter)
+        weight.copy_(merged)
 
     def _create_tensors(self, adapter: str, r: int, lora_dropout: float) -> None:
         raise NotImplementedError

@@ -35,6 +35,7 @@ PIPELINE_TAGS = {
     "FEATURE_EXTRACTION": "feature-extraction",
 }
 DEFAULT_TAGS = ("lora", "peft", "adapterflow")
+MERGED_TAGS = ("adapterflow", "lora", "merged-lora")
 _TRAINING_LABELS = {"steps": "steps", "final_loss": "final training loss",
                     "eval_loss_before": "eval loss before training", "eval_loss_after": "eval loss after training"}
 
@@ -105,9 +106,7 @@ def render_model_card(configs: Mapping[str, LoraConfig], existing: Optional[str]
     base = (info.base_model if info else None) or config.base_model_name_or_path
     hub_base = _hub_base(config, info or ModelCardInfo())
     name = hub_base or base_model_label(base)
-    about = (f"`{hub_base}`" if hub_base else "a model" if not base else
-             f"adapterflow's builtin base model `{name}` (built locally, not a Hub repo)"
-             if base.startswith(BUILTIN_PREFIX) else f"the local base model `{name}` (not a Hub repo)")
+    about = _about(base, hub_base, name)
     load = (f"resolve_base_model({json.dumps(base)})" if base and base.startswith(BUILTIN_PREFIX) else
             json.dumps(hub_base or f"<path to {name or 'the base model'}>"))
     imports = ("from adapterflow.runtime.base_models import resolve_base_model\n"
@@ -127,6 +126,42 @@ def render_model_card(configs: Mapping[str, LoraConfig], existing: Optional[str]
         f"|---|---|---|---|---|\n{rows}\n"
     )
     return f"{_front_matter(metadata)}\n{body}{_training_section(info.training if info else None)}"
+
+
+def render_merged_model_card(configs: Mapping[str, LoraConfig], info: ModelCardInfo) -> str:
+    """README.md of a merged model folder (the export-merged step; the Hub card of hub.merged_repo_id): a full
+    transformers model, library_name transformers, base_model (and base_model_relation finetune) when the base is
+    a Hub repo id, the merged adapter's configuration and the training summary.
+
+    Args:
+        configs: the merged adapter's config ({"default": config}). info: as for render_model_card; repo_id is the
+            merged model's repo.
+    """
+    config = next(iter(configs.values()))
+    adapter_metadata = card_metadata(configs, info)
+    hub_base = adapter_metadata.get("base_model")
+    metadata = {**({"base_model": hub_base, "base_model_relation": "finetune"} if hub_base else {}),
+                **{k: adapter_metadata[k] for k in ("datasets", "license", "pipeline_tag") if k in adapter_metadata},
+                "library_name": "transformers",
+                "tags": list(dict.fromkeys([*MERGED_TAGS, *info.tags]))}
+    base = info.base_model or config.base_model_name_or_path
+    name = hub_base or base_model_label(base)
+    notes = "".join(f"{note[:1].upper()}{note[1:]}.\n\n" for note in info.notes)
+    rows = "\n".join(_row(adapter, c.r, c.lora_alpha, c.target_modules, c.init_lora_weights)
+                     for adapter, c in configs.items())
+    where = json.dumps(info.repo_id or "<this folder or repo>")
+    body = (
+        f"# {name or 'A base model'} with a merged LoRA adapter\n\n"
+        f"This is {_about(base, hub_base, name)} with a LoRA adapter made with adapterflow merged into its "
+        f"weights: every adapted weight W is W + scaling * B @ A (PEFT's merge_and_unload), so it is a full model "
+        f"that loads without PEFT.\n\n{notes}## Usage\n\n"
+        f"```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+        f"model = AutoModelForCausalLM.from_pretrained({where})\n"
+        f"tokenizer = AutoTokenizer.from_pretrained({where})\n"
+        f"```\n\n## Merged adapter\n\n| adapter | r | lora_alpha | target modules | init |\n"
+        f"|---|---|---|---|---|\n{rows}\n"
+    )
+    return f"{_front_matter(metadata)}\n{body}{_training_section(info.training)}"
 
 
 def build_model_card(adapter_dir: str | os.PathLike, *, base_model: Optional[str] = None,
@@ -163,6 +198,16 @@ def base_model_label(base: Optional[str]) -> Optional[str]:
     if not base or base.startswith(BUILTIN_PREFIX) or is_hub_model_id(base):
         return base
     return Path(base.rstrip("/")).name or base
+
+
+def _about(base: Optional[str], hub_base: Optional[str], name: Optional[str]) -> str:
+    if hub_base:
+        return f"`{hub_base}`"
+    if not base:
+        return "a model"
+    if base.startswith(BUILTIN_PREFIX):
+        return f"adapterflow's builtin base model `{name}` (built locally, not a Hub repo)"
+    return f"the local base model `{name}` (not a Hub repo)"
 
 
 def _hub_base(config: LoraConfig, info: ModelCardInfo) -> Optional[str]:

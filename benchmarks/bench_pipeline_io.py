@@ -7,7 +7,8 @@ default sqlite store), so every task's file access is seen:
   `adapterflow.runtime.base_models.load_base_model` uses; config-only and meta-device models read no weights);
 - adapter tensor writes: opens for writing of an adapter weights file (`adapter_model.safetensors`,
   `adapter_model.bin`, and the old checkpoint file `trainable.safetensors`), through `os.open` (our writer) or
-  `open` (copies: shutil, MLflow's local artifact store);
+  `open` (copies: shutil), and renames of a temporary file onto such a name (MLflow's local artifact store
+  stages every upload in a `mkstemp` file, then `os.replace`s it);
 - adapter tensor reads: `safetensors.torch.safe_open` (under `load_file`) and `open` for reading of those files
   (loading, hashing for the saved-files table, copies); the read-only `os.open` of an fsync is not a read.
 
@@ -58,7 +59,7 @@ class Counter:
         from transformers import PreTrainedModel
         import safetensors.torch
 
-        counter, real_os_open, real_open = self, os.open, builtins.open
+        counter, real_os_open, real_open, real_replace = self, os.open, builtins.open, os.replace
         real_safe_open, real_from_pretrained = safetensors.torch.safe_open, PreTrainedModel.from_pretrained.__func__
 
         def os_open(path, flags, *args, **kwargs):
@@ -73,6 +74,14 @@ class Counter:
                 table[counter.where(os.fsdecode(file))] += 1
             return real_open(file, mode, *args, **kwargs)
 
+        def replace(src, dst, *args, **kwargs):
+            # A weights file written under a temporary name and renamed into place (MLflow's local artifact
+            # store stages each upload in a mkstemp file): the write is counted where the file lands.
+            if os.path.basename(os.fsdecode(dst)) in WEIGHT_FILES and \
+                    os.path.basename(os.fsdecode(src)) not in WEIGHT_FILES:
+                counter.writes[counter.where(os.fsdecode(dst))] += 1
+            return real_replace(src, dst, *args, **kwargs)
+
         def safe_open(filename, *args, **kwargs):
             if os.path.basename(os.fsdecode(filename)) in WEIGHT_FILES:
                 counter.reads[counter.where(os.fsdecode(filename))] += 1
@@ -82,7 +91,7 @@ class Counter:
             counter.base_reads.append(str(name_or_path))
             return real_from_pretrained(cls, name_or_path, *args, **kwargs)
 
-        os.open, builtins.open, safetensors.torch.safe_open = os_open, open_, safe_open
+        os.open, builtins.open, safetensors.torch.safe_open, os.replace = os_open, open_, safe_open, replace
         PreTrainedModel.from_pretrained = classmethod(from_pretrained)
 
     def report(self) -> dict:

@@ -1,4 +1,5 @@
 """`adapterflow run [--config FILE.yaml] [--set key=value ...]`: run the save-adapter flow locally.
+(`adapterflow check ADAPTER_DIR ...`, whether a saved adapter will serve, is in `adapterflow.flows.check_cli`.)
 
 Parameters come from the embedded defaults, then the YAML file, then each --set; everything that can be checked
 without a Prefect server (parameters, names, config file, dataset, base model, targets, device, folders) is
@@ -44,7 +45,12 @@ def main(argv: list[str] | None = None) -> None:
                           "resolve against the current directory")
     run.add_argument("--debug", action="store_true", default=os.environ.get(DEBUG_ENV) == "1",
                      help=f"show Python tracebacks (also: {DEBUG_ENV}=1)")
+    from adapterflow.flows.check_cli import add_parser, check_command
+
+    add_parser(commands)
     args = parser.parse_args(argv)
+    if args.command == "check":
+        raise SystemExit(check_command(args))
     try:
         summary = run_command(args.config, args.overrides, debug=args.debug)
     except KeyboardInterrupt:
@@ -119,10 +125,14 @@ class _NoTraceback:
 
 def _report(exc: BaseException, debug: bool = False) -> None:
     """One block on stderr: what is wrong and what to do, then exit 2 for a mistake in what the user gave, 1 for
-    a run that failed otherwise."""
+    a run that failed otherwise (a failed verification included: its message says what differs, no traceback)."""
     from adapterflow.tasks.retries import is_user_error
+    from adapterflow.verify import VerificationError
 
     text = str(exc).strip() or type(exc).__name__
+    if isinstance(exc, VerificationError):
+        print(f"adapterflow run failed: {text}", file=sys.stderr)
+        raise SystemExit(FAILED_EXIT)
     if is_user_error(exc):
         print(f"adapterflow run: {text}", file=sys.stderr)
         raise SystemExit(USER_ERROR_EXIT)

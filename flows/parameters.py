@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from adapterflow import LoraConfig
 from adapterflow.flows import names
+from adapterflow.flows.parameters_export import ExportSettings
 from adapterflow.init_methods import PIPELINE_INIT_PATTERN, init_lora_weights_for
 from adapterflow.model_references import BUILTIN_PREFIX, is_local_reference
 from adapterflow.redaction import redact_text, register_secret, url_password
@@ -183,6 +184,9 @@ class SaveSettings(_Section):
 
 class VerifySettings(_Section):
     atol: Optional[float] = Field(None, gt=0, description="logit tolerance (default: 1e-4 fp32, 5e-2 half precision)")
+    require_runtimes: list[Literal["vllm", "llama.cpp", "peft"]] = Field(
+        default_factory=list, description="serving runtimes (vllm, llama.cpp, peft) whose preflight must pass, or "
+                                          "the run fails before MLflow and the Hub; the report is always made")
 
 
 class HubSettings(_Section):
@@ -200,11 +204,14 @@ class HubSettings(_Section):
     datasets: Optional[list[str]] = Field(None, description="Hub dataset ids for the model card")
     tags: list[str] = Field(default_factory=list, description="extra model card tags")
     timeout_seconds: float = Field(120, gt=0, description="timeout of one Hub request")
+    push_merged: bool = Field(False, description="also push the merged model (export.merged) to merged_repo_id")
+    merged_repo_id: Optional[str] = Field(None, description="Hub model repo (namespace/name) for the merged model; "
+                                                            "not the adapter's repo_id")
 
-    @field_validator("repo_id")
+    @field_validator("repo_id", "merged_repo_id")
     @classmethod
-    def _valid_repo_id(cls, value: Optional[str]) -> Optional[str]:
-        return _refuse(names.hub_repo_id_problem(value), value)
+    def _valid_repo_id(cls, value: Optional[str], info) -> Optional[str]:
+        return _refuse(names.hub_repo_id_problem(value, f"hub.{info.field_name}"), value)
 
     @field_validator("revision", "tag")
     @classmethod
@@ -262,6 +269,7 @@ class SaveAdapterParameters(_Section):
     training: TrainingParameters = Field(default_factory=TrainingParameters)
     save: SaveSettings = Field(default_factory=SaveSettings)
     verify: VerifySettings = Field(default_factory=VerifySettings)
+    export: ExportSettings = Field(default_factory=ExportSettings)
     mlflow: MlflowSettings = Field(default_factory=MlflowSettings)
     hub: HubSettings = Field(default_factory=HubSettings)
 

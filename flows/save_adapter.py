@@ -1,4 +1,5 @@
-"""The `save-adapter` flow: train -> extract -> convert -> save -> verify -> MLflow -> Hub, each a retryable Prefect task.
+"""The `save-adapter` flow: train -> extract -> convert -> save -> verify -> (merged export) -> MLflow -> Hub, each a
+retryable Prefect task.
 
 Run it with `adapterflow run` (or `python -m adapterflow.flows.save_adapter`), or as a deployment:
 `prefect deployment run 'save-adapter/local'`.
@@ -12,6 +13,7 @@ from prefect.runtime import flow_run
 
 from adapterflow.flows.parameters import SaveAdapterParameters
 from adapterflow.tasks.convert_pissa_to_lora import convert_pissa_to_lora_task
+from adapterflow.tasks.export_merged import export_merged
 from adapterflow.tasks.extract_adapter import extract_adapter
 from adapterflow.tasks.flow_report import flow_run_tags, report, saved_as, tag_flow_run
 from adapterflow.tasks.log_to_mlflow import end_mlflow_run, log_to_mlflow, mlflow_run_hook
@@ -40,8 +42,9 @@ def save_adapter(config: SaveAdapterParameters = SaveAdapterParameters()) -> dic
     source = _result(convert_pissa_to_lora_task(plan, extracted))
     saved = save_adapter_files(plan, source)
     verification = verify_adapter_task(plan, saved)
+    exported = _result(export_merged(plan, config.export, config.hub, saved))  # after verify passed
     tracked = _result(log_to_mlflow(plan, config.mlflow, saved, verification, flow_run.get_id()))
-    pushed = _result(push_to_hub(plan, config.hub, config.mlflow, saved, tracked, flow_run.get_id()))
+    pushed = _result(push_to_hub(plan, config.hub, config.mlflow, saved, tracked, flow_run.get_id(), exported))
     summary = {
         "flow_run_id": flow_run.get_id(),
         "run_dir": plan.run_dir,
@@ -51,6 +54,7 @@ def save_adapter(config: SaveAdapterParameters = SaveAdapterParameters()) -> dic
         "eval_loss_before": training["eval_loss_before"],
         "eval_loss_after": training["eval_loss_after"],
         "verification": verification,
+        "merged": exported,
         "mlflow": tracked,
         "hub": pushed,
     }

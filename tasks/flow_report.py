@@ -43,7 +43,10 @@ def summary_markdown(summary: dict, flow_run_name: str | None = None) -> str:
             ("saved as", summary.get("saved_as") or ""),
             ("eval loss", f"{summary['eval_loss_before']:.4f} before training, {summary['eval_loss_after']:.4f} after"),
             ("verification", f"{'passed' if verification.get('passed') else 'FAILED'}: max abs logit difference "
-                             f"{verification.get('max_abs_diff'):.2e} (atol {verification.get('atol'):g})")]
+                             f"{verification.get('max_abs_diff'):.2e} (atol {verification.get('atol'):g})"),
+            ("will it serve", _serving(verification.get("serving") or {}))]
+    if merged := summary.get("merged"):
+        rows.append(("merged model", f"`{merged['path']}` ({merged['dtype']}, {merged['bytes']:,d} bytes)"))
     if tracked:
         rows.append(("MLflow run", _link(tracked.get("run_name") or tracked["run_id"], tracked.get("run_url"))
                      + ("" if tracked.get("run_url") else f" in `{tracked['tracking_uri']}`")))
@@ -52,9 +55,18 @@ def summary_markdown(summary: dict, flow_run_name: str | None = None) -> str:
     else:
         rows.append(("MLflow", "off (mlflow.enabled=false)"))
     rows.append(("Hub commit", _link(f"{pushed['repo_id']}@{pushed['commit_oid'][:12]}", pushed["commit_url"])
-                 if pushed else "not pushed (no hub.repo_id)"))
+                 if pushed.get("repo_id") else "not pushed (no hub.repo_id)"))
+    if merged_push := pushed.get("merged"):
+        rows.append(("merged model Hub commit", _link(f"{merged_push['repo_id']}@{merged_push['commit_oid'][:12]}",
+                                                     merged_push["commit_url"])))
     title = f"# Adapter run {flow_run_name}" if flow_run_name else "# Adapter run"
     return "\n".join([title, "", "| | |", "|---|---|", *(f"| {key} | {value} |" for key, value in rows if value)])
+
+
+def _serving(serving: dict) -> str:
+    """"vllm ok, llama.cpp fails use_rslora, peft ok" from the serving preflight's dict."""
+    return ", ".join(f"{runtime} " + (f"fails {', '.join(result['failed_rules'])}" if result["failed_rules"] else "ok")
+                     for runtime, result in serving.get("runtimes", {}).items())
 
 
 def report(summary: dict, flow_run_name: str | None = None) -> None:
@@ -68,12 +80,16 @@ def report(summary: dict, flow_run_name: str | None = None) -> None:
                 summary["eval_loss_before"], summary["eval_loss_after"],
                 "passed" if summary["verification"].get("passed") else "FAILED",
                 summary["verification"].get("max_abs_diff"))
+    if summary.get("merged"):
+        logger.info("Merged model: %s", summary["merged"]["path"])
     if tracked:
         logger.info("MLflow run: %s", tracked.get("run_url") or f"{tracked['run_id']} in {tracked['tracking_uri']}")
         logger.info("MLflow model version: %s", tracked.get("model_version_url")
                     or f"{tracked['registered_model_name']} v{tracked['model_version']}")
-    if pushed:
+    if pushed.get("repo_id"):
         logger.info("Hub commit: %s", pushed["commit_url"])
+    if pushed.get("merged"):
+        logger.info("Merged model Hub commit: %s", pushed["merged"]["commit_url"])
 
 
 def _link(text: str, url: str | None) -> str:

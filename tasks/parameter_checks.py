@@ -66,6 +66,37 @@ def combination_problems(params: SaveAdapterParameters) -> list[str]:
     if selected is not None and selected != [params.adapter.name]:
         problems.append(f"save.selected_adapters={selected}: this run trains one adapter, "
                         f"{params.adapter.name!r}; use [{params.adapter.name!r}] or null.")
+    return problems + export_problems(params)
+
+
+def export_problems(params: SaveAdapterParameters) -> list[str]:
+    """The merged export and its push: a bfloat16 merge needs a tolerance that accepts its rounding;
+    hub.push_merged needs export.merged and a repo of its own."""
+    hub, export, problems = params.hub, params.export, []
+    dtype = export.dtype or params.base_model.dtype
+    if export.merged and dtype == "bfloat16" and params.verify.atol is None:
+        # measured: builtin tiny llama, random r=4 LoRA: 0.07 > the 5e-2 default (float16: 0.009)
+        parameter = "export.dtype" if export.dtype else "base_model.dtype"
+        problems.append(f"export.merged with {parameter}=bfloat16: the merged weights W + scaling B A are rounded "
+                        f"to bfloat16, so the merged model's logits differ from base + adapter's by about 0.1 (0.07 "
+                        f"measured on the builtin model), above the default 16-bit tolerance 5e-2, and the export "
+                        f"would fail after training. Accept the rounding with verify.atol (e.g. 0.2), or export "
+                        f"float32 (export.dtype).")
+    if not hub.push_merged:
+        if hub.merged_repo_id:
+            problems.append(f"hub.merged_repo_id={hub.merged_repo_id!r} is only used with hub.push_merged=true; "
+                            f"remove it, or set hub.push_merged=true.")
+        return problems
+    if not export.merged:
+        problems.append("hub.push_merged=true pushes the merged model, which only export.merged=true writes; set "
+                        "export.merged=true, or hub.push_merged=false.")
+    if not hub.merged_repo_id:
+        problems.append("hub.push_merged=true needs hub.merged_repo_id, the Hub model repo for the merged model "
+                        "(namespace/name, e.g. my-user/tiny-llama-merged).")
+    elif hub.merged_repo_id.lower() == (hub.repo_id or "").lower():  # Hub repo ids ignore case
+        problems.append(f"hub.merged_repo_id={hub.merged_repo_id!r} is also hub.repo_id: transformers loads a repo "
+                        f"holding adapter_config.json as the adapter, not as the merged model; use another repo "
+                        f"for the merged model.")
     return problems
 
 
@@ -96,3 +127,19 @@ def distributed_problems(training, device: str) -> list[str]:
                         f"{torch.cuda.device_count()} CUDA devices, one per process; use at most that many, or "
                         f"training.device=cpu.")
     return problems
+
+
+def serving_problems(params: SaveAdapterParameters, config) -> list[str]:
+    """verify.require_runtimes against the adapter_config.json the run will save (`adapterflow.serving.check_config`:
+    the rules that need no files), so a run a required runtime refuses fails before training, not after."""
+    if not params.verify.require_runtimes or config is None:
+        return []
+    from adapterflow.conversion import doubled_rank_config
+    from adapterflow.serving import check_config
+
+    if is_pissa(params.adapter.init) and params.save.convert_pissa_to_lora:
+        config = doubled_rank_config(config)
+    report = check_config(config.to_dict(), tuple(params.verify.require_runtimes))
+    return [f"verify.require_runtimes={params.verify.require_runtimes}: {r.runtime} {r.rule}: {r.message}"
+            for r in report.results if r.verdict == "fail"]
+

@@ -47,6 +47,7 @@ def prepare_run(params: SaveAdapterParameters, run_name: str) -> RunPlan:
         safe_serialization=params.save.safe_serialization, save_embedding_layers=params.save.save_embedding_layers,
         convert_pissa_to_lora=is_pissa(params.adapter.init) and params.save.convert_pissa_to_lora,
         atol=params.verify.atol or (1e-4 if params.base_model.dtype == "float32" else 5e-2),
+        require_runtimes=list(params.verify.require_runtimes),
         parameters=params.model_dump(mode="json"),
     )
     record = redact(plan.model_dump(mode="json"))  # no token or URL password on disk

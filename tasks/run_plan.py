@@ -25,7 +25,7 @@ from adapterflow.redaction import redact_text
 from adapterflow.runtime.data_sources import hub_commit
 from adapterflow.runtime.run_dir import RunDir
 from adapterflow.tasks.parameter_checks import (combination_problems, device_for, distributed_problems,
-                                                precision_problems)
+                                                precision_problems, serving_problems)
 from adapterflow.runtime.training import TrainingSettings
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -49,6 +49,7 @@ class RunPlan(BaseModel):
     save_embedding_layers: Union[bool, Literal["auto"]]
     convert_pissa_to_lora: bool  # PiSSA init and conversion asked
     atol: float
+    require_runtimes: list[str] = []  # verify.require_runtimes: serving runtimes whose preflight must pass
     parameters: dict  # the flow parameters as given, for the record
 
     @property
@@ -131,6 +132,7 @@ def check_run(params: SaveAdapterParameters) -> CheckedRun:
     problems += _folder_problems("save.output_dir", output_dir) if output_dir else []
     problems += _folder_problems("runs_root", local_path(params.runs_root))
     problems += combination_problems(params) + distributed_problems(params.training, device)
+    problems += serving_problems(params, config)
     if problems:
         message = "Invalid parameters:\n" + "\n".join(f"  - {p}" for p in problems)
         raise ParameterError(redact_text(message))  # a base model URL may carry a password

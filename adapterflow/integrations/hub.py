@@ -39,6 +39,8 @@ _PUSH_LOCK = threading.Lock()  # one push at a time per process: a new timeout r
 _client_timeout: list = []  # the timeout of the client factory _configure_hub_client installed, if any
 _CARD_OPTIONS = ("license", "datasets", "training")
 _PUSH_OPTIONS = ("endpoint", "tag", "commit_description", "timeout", "max_attempts", "retry_delay")
+# A merged model's weights in the repo: replaced as a whole (upload_folder keeps the paths it uploads).
+_MODEL_WEIGHTS = ["*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json"]
 
 
 @dataclass(frozen=True)
@@ -58,7 +60,8 @@ def push_adapter_folder(folder: str | os.PathLike, repo_id: str, *, token: str |
                         endpoint: str | None = None, private: bool | None = None, revision: str | None = None,
                         tag: str | None = None, commit_message: str | None = None,
                         commit_description: str | None = None, create_pr: bool = False,
-                        timeout: float | None = 60.0, max_attempts: int = 3, retry_delay: float = 1.0) -> PushResult:
+                        timeout: float | None = 60.0, max_attempts: int = 3, retry_delay: float = 1.0,
+                        merged_model: bool = False) -> PushResult:
     """Upload an adapter folder to a Hub model repo as one commit; a no-op when the files are already there.
 
     Steps: create_repo(exist_ok) -> create_branch(revision) -> upload_folder (one commit with parent_commit = the
@@ -76,6 +79,9 @@ def push_adapter_folder(folder: str | os.PathLike, repo_id: str, *, token: str |
             retries itself (preupload, LFS) can take 6 timeouts plus its ~23 s backoff before failing.
         max_attempts: tries per step for 5xx, 408, 412, 429, timeouts and connection errors, with exponential
             backoff from retry_delay seconds (at most 30 s; a Retry-After header is honoured up to 60 s).
+        merged_model: the folder is a merged model (config.json, safetensors shards, tokenizer files, README.md)
+            instead of an adapter; weights files and shard indexes in the repo that the folder lacks (another
+            shard count) are deleted in the same commit.
 
     Returns:
         PushResult; created_commit is False when the branch head already held these files.
@@ -92,8 +98,12 @@ def push_adapter_folder(folder: str | os.PathLike, repo_id: str, *, token: str |
 
     folder = Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"No adapter folder at {folder}.")
-    read_configs(folder)  # FileNotFoundError: not a saved adapter
+        raise FileNotFoundError(f"No {'merged model' if merged_model else 'adapter'} folder at {folder}.")
+    if merged_model and not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"No config.json in {folder}: not a merged model folder.")
+    if not merged_model:
+        read_configs(folder)  # FileNotFoundError: not a saved adapter
+    stale = _MODEL_WEIGHTS if merged_model else _stale_weights(folder)
     if max_attempts < 1:
         raise ValueError(f"max_attempts must be at least 1, got {max_attempts}.")
     if create_pr and revision not in (None, "main"):
@@ -121,7 +131,7 @@ def push_adapter_folder(folder: str | os.PathLike, repo_id: str, *, token: str |
                 repo_id=ctx.repo_id, folder_path=folder, revision=None if create_pr else branch,
                 commit_message=commit_message or "Upload adapter with adapterflow",
                 commit_description=commit_description, create_pr=create_pr, parent_commit=parent,
-                delete_patterns=_stale_weights(folder), ignore_patterns=[".*", "*/.*"])
+                delete_patterns=stale, ignore_patterns=[".*", "*/.*"])
 
         info = ctx.run("upload", upload)
         if tag:

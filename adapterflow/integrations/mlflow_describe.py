@@ -62,6 +62,7 @@ def run_tags(plan: dict, flow_run_id: str, flow_run_url: Optional[str], training
             "adapter.name": plan.get("adapter_name", "default"), "adapter.init": init,
             "adapter.r": str(trained_r), "adapter.saved_r": str(saved_r or trained_r),
             "adapter.converted": str(converted).lower(), "verification.passed": str(verification.get("passed")).lower()}
+    tags.update(serving_tags(verification))
     if converted:
         tags["adapter.conversion"] = conversion_note(trained_r, saved_r or 2 * trained_r)
     if flow_run_name:
@@ -70,6 +71,14 @@ def run_tags(plan: dict, flow_run_id: str, flow_run_url: Optional[str], training
         tags["prefect.flow_run_url"] = flow_run_url
     tags["mlflow.note.content"] = description(tags, training, verification)
     return tags
+
+
+def serving_tags(verification: dict) -> dict[str, str]:
+    """`serving.vllm`, `serving.llama_cpp`: "ok", or the comma-joined names of the failed rules, from the verify
+    step's serving preflight (`verification["serving"]`, `adapterflow.serving.ServingReport.to_dict`)."""
+    runtimes = (verification.get("serving") or {}).get("runtimes", {})
+    return {f"serving.{runtime.replace('.', '_')}": ",".join(result.get("failed_rules", [])) or "ok"
+            for runtime, result in runtimes.items() if runtime in ("vllm", "llama.cpp")}
 
 
 def training_tags(plan: dict, flow_run_id: str, flow_run_url: Optional[str],
@@ -104,6 +113,8 @@ def description(tags: dict, training: dict, verification: dict) -> str:
              f"- verification: {'passed' if verification.get('passed') else 'failed'}, max abs logit difference "
              f"{_number(verification.get('max_abs_diff'))} (atol {verification.get('atol')})",
              f"- Prefect flow run: {prefect}",
+             *[f"- {key.removeprefix('serving.')} preflight: {'ok' if value == 'ok' else 'fails ' + value}"
+               for key, value in tags.items() if key.startswith("serving.")],
              "", "The adapter's files are the run's logged model (Models tab)."]
     return "\n".join(lines)
 

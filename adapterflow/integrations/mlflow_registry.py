@@ -5,8 +5,10 @@ The model is built without MLflow's fluent API (which reads the global tracking 
 writes it into a local folder ("models from code": mlflow_pyfunc.py, plus the adapter folder as the `adapter`
 artifact and the library's Python files as code), then `MlflowClient.log_model_artifacts` uploads it into the
 LoggedModel and `finalize_logged_model` marks it READY, the steps `mlflow.pyfunc.log_model` takes
-(mlflow/models/model.py `Model.log`). The model's code is the library's `.py` files only: no data files (the
-builtin dataset), no pipeline, no integrations.
+(mlflow/models/model.py `Model.log`). The local folder holds the adapter's small files only: its weight files are
+uploaded straight from the adapter folder into `artifacts/adapter`, so MLflow writes the tensors once (the upload),
+not three times (a staging copy, save_model's copy, the upload). The model's code is the library's `.py` files
+only: no data files (the builtin dataset), no pipeline, no integrations.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 from typing import Optional
 
 import adapterflow
+from adapterflow.formats import WEIGHTS_NAMES
 from adapterflow.integrations.mlflow_run import FLOW_RUN_TAG
 from adapterflow.redaction import redact
 
@@ -26,6 +29,7 @@ MODEL_CODE = Path(__file__).with_name("mlflow_pyfunc.py")
 PACKAGE_DIR = Path(adapterflow.__file__).parent
 CODE_EXCLUDED = {"flows", "tasks", "integrations", "__pycache__"}  # subfolders the model's loader never imports
 MODEL_TYPE = "peft-lora-adapter"
+ADAPTER_ARTIFACT = "artifacts/adapter"  # where mlflow.pyfunc.save_model puts the `adapter` artifact
 
 
 def logged_model(client, run, flow_run_id: str, name: str, adapter_dir: Path, plan: dict, params: dict,
@@ -54,6 +58,10 @@ def logged_model(client, run, flow_run_id: str, name: str, adapter_dir: Path, pl
     with tempfile.TemporaryDirectory() as tmp:
         local = _save_pyfunc(Path(tmp), model, run_id, adapter_dir, plan, input_example)
         client.log_model_artifacts(model.model_id, str(local))
+    for weights in _weight_files(adapter_dir):  # the adapter's tensors, written once in MLflow: by this upload
+        folder = weights.parent.relative_to(adapter_dir).as_posix()
+        client.log_model_artifact(model.model_id, str(weights),
+                                  ADAPTER_ARTIFACT if folder == "." else f"{ADAPTER_ARTIFACT}/{folder}")
     return client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
 
 
@@ -86,7 +94,7 @@ def _save_pyfunc(tmp: Path, model, run_id: str, adapter_dir: Path, plan: dict,
     from mlflow.models import Model
 
     local = tmp / "model"
-    adapter = _copy_files(adapter_dir, tmp / "adapter")
+    adapter = _copy_files(adapter_dir, tmp / "adapter", skip=WEIGHTS_NAMES)
     mlflow_model = Model(artifact_path=model.artifact_location, model_uuid=model.model_id, run_id=run_id,
                          model_id=model.model_id)
     with warnings.catch_warnings():
@@ -95,7 +103,7 @@ def _save_pyfunc(tmp: Path, model, run_id: str, adapter_dir: Path, plan: dict,
         warnings.filterwarnings("ignore", message=".*input example was not provided", category=UserWarning)
         mlflow.pyfunc.save_model(
             path=str(local), mlflow_model=mlflow_model, python_model=str(MODEL_CODE),
-            artifacts={"adapter": str(adapter)}, code_paths=[str(_code_package(tmp))],
+            artifacts={"adapter": str(adapter)}, code_paths=[str(_code_package(tmp))],  # adapter: no weights
             pip_requirements=_pip_requirements(), signature=_signature(), input_example=input_example or None,
             model_config=redact({"base_model_path": plan["base_model_path"],
                                  "adapter_name": plan.get("adapter_name", "default")}))
@@ -104,12 +112,19 @@ def _save_pyfunc(tmp: Path, model, run_id: str, adapter_dir: Path, plan: dict,
     return local
 
 
-def _copy_files(source: Path, target: Path) -> Path:
-    """Copy a folder file by file. Read here, not by MLflow: MLflow's copy turns an I/O error into a plain
-    MlflowException without its errno, and shutil.copytree into shutil.Error (errno None), so a transient EIO
-    would look permanent; shutil.copyfile raises the OSError itself, which the retry condition classifies."""
+def _weight_files(folder: Path) -> list[Path]:
+    """The adapter's weight files (formats.WEIGHTS_NAMES), in the folder and in per-adapter subfolders."""
+    return sorted(path for path in folder.rglob("*") if path.is_file() and path.name in WEIGHTS_NAMES)
+
+
+def _copy_files(source: Path, target: Path, skip: tuple[str, ...] = ()) -> Path:
+    """Copy a folder file by file, leaving out files named in `skip` (target is created even if empty). Read
+    here, not by MLflow: MLflow's copy turns an I/O error into a plain MlflowException without its errno, and
+    shutil.copytree into shutil.Error (errno None), so a transient EIO would look permanent; shutil.copyfile
+    raises the OSError itself, which the retry condition classifies."""
+    target.mkdir(parents=True, exist_ok=True)
     for path in sorted(source.rglob("*")):
-        if path.is_file():
+        if path.is_file() and path.name not in skip:
             (target / path.relative_to(source)).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(path, target / path.relative_to(source))
     return target

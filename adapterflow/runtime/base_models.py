@@ -128,7 +128,7 @@ def load_base_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
     Raises:
         OSError: the folder holds no loadable weights.
     """
-    with _quiet():
+    with no_progress_bars():
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device)
     model.name_or_path = str(path)
     return model.eval()
@@ -137,7 +137,7 @@ def load_base_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
 def meta_base_model(path: str | os.PathLike) -> PreTrainedModel:
     """The causal LM of a model folder built on the meta device from its config.json: every module and weight
     shape, no weights read or allocated (for target matching and the manifest's base fingerprint)."""
-    with torch.device("meta"), _quiet():
+    with torch.device("meta"), no_progress_bars():
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(path)))
     model.name_or_path = str(path)
     return model
@@ -213,7 +213,7 @@ def _build(config: dict, texts: list[str], target: Path, chat_template: str) -> 
         with _BUILD_LOCK, torch.random.fork_rng(devices=[]):  # leave the caller's RNG state alone
             torch.manual_seed(SEED)
             model = AutoModelForCausalLM.from_config(model_config, dtype=torch.float32)
-        with _quiet():
+        with no_progress_bars():
             model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         staging.chmod(0o755)  # mkdtemp creates it 0700
@@ -232,7 +232,7 @@ def _build(config: dict, texts: list[str], target: Path, chat_template: str) -> 
 
 
 @contextlib.contextmanager
-def _quiet() -> Iterator[None]:
+def no_progress_bars() -> Iterator[None]:
     """No transformers progress bars ("Loading weights", "Writing model shards") for a tiny local model."""
     enabled = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()

@@ -11,6 +11,7 @@ training writes adapter tensors here; the steps after it read the final checkpoi
     <run>/metrics.jsonl            the metrics as training logged them, appended (adapterflow.runtime.metrics_log)
     <run>/training.json            loss history, eval losses, throughput, start and end times
     <run>/probe.safetensors        a fixed batch and the trained model's logits on it, for verification
+    <run>/merged/                  export.merged only: the base model with the adapter merged in (transformers format)
 """
 
 from __future__ import annotations
@@ -63,6 +64,10 @@ class RunDir:
     @property
     def probe(self) -> Path:
         return self.root / "probe.safetensors"
+
+    @property
+    def merged(self) -> Path:
+        return self.root / "merged"  # export.merged: the base model with the adapter merged in
 
     def final_checkpoint(self, steps: int | None = None) -> Path:
         """The newest checkpoint; with `steps`, it must be the one taken after the last of them.

@@ -50,3 +50,22 @@ def test_a_converted_pissa_card_explains_the_rank():
     _, text = card("builtin:tiny-llama", notes=[conversion_note(8, 16)])
     assert "Trained as PiSSA r=8; saved as LoRA r=16 (PiSSA->LoRA conversion doubles the rank)" in text
     assert "| default | 16 | 32 | q_proj, v_proj | True |" in text
+
+
+def test_the_merged_model_card_is_a_transformers_card():
+    from adapterflow.model_card import render_merged_model_card
+
+    config = LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM",
+                        base_model_name_or_path="Qwen/Qwen2.5-0.5B")
+    text = render_merged_model_card({"default": config}, ModelCardInfo(
+        license="apache-2.0", tags=("demo",), repo_id="me/qwen-merged", training={"steps": 300, "final_loss": 0.5}))
+    meta = yaml.safe_load(text.split("---\n")[1])
+    assert meta == {"base_model": "Qwen/Qwen2.5-0.5B", "base_model_relation": "finetune", "license": "apache-2.0",
+                    "pipeline_tag": "text-generation", "library_name": "transformers",
+                    "tags": ["adapterflow", "lora", "merged-lora", "demo"]}
+    assert "# Qwen/Qwen2.5-0.5B with a merged LoRA adapter\n" in text and "peft" not in text.split("---\n")[1]
+    assert 'AutoModelForCausalLM.from_pretrained("me/qwen-merged")' in text and "PeftModel" not in text
+    assert "| default | 16 | 32 | q_proj, v_proj | True |" in text and "| steps | 300 |" in text
+    builtin = render_merged_model_card({"default": config}, ModelCardInfo(base_model="builtin:tiny-llama"))
+    assert "base_model" not in yaml.safe_load(builtin.split("---\n")[1])
+    assert "adapterflow's builtin base model `builtin:tiny-llama`" in builtin and "<this folder or repo>" in builtin

@@ -132,6 +132,8 @@ def test_the_mlflow_run_spans_the_flow_and_has_every_metric_history(tmp_path, ml
     assert [m.step for m in client.get_metric_history(run.info.run_id, "eval_loss")] == [0, 4, 8]
     assert run.data.metrics["eval_loss"] == pytest.approx(training["eval_loss_after"])
     assert "in progress" not in run.data.tags["mlflow.note.content"]  # the completed description replaced it
+    assert (run.data.tags["serving.vllm"], run.data.tags["serving.llama_cpp"]) == ("ok", "ok")  # the preflight
+    assert "- vllm preflight: ok" in run.data.tags["mlflow.note.content"]
 
     assert artifacts(state)["training-progress"] == ("progress", 100.0)
     logs = flow_logs(state, until=lambda messages: any(m.startswith("MLflow model version:") for m in messages))

@@ -67,3 +67,18 @@ def test_embedded_default_run(tmp_path, prefect_api):
     before, after = map(float, re.search(r"^eval loss:\s+([\d.]+) -> ([\d.]+)", result.stdout, re.M).groups())
     assert after < before - 1.0  # learning is visible
     assert re.search(r"^prefect run:\s+[0-9a-f-]{36}", result.stdout, re.M)
+
+
+@pytest.mark.slow
+def test_a_failed_verification_exits_1_with_its_report_and_no_traceback(tmp_path, prefect_api):
+    """Not a user error (exit 2) and not a crash: the run failed, and the message says what differs."""
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "adapterflow"), "run", "--set", f"runs_root={tmp_path}",
+         "--set", "training.steps=2", "--set", "verify.atol=1e-30"],  # a converted PiSSA: not bit-exact
+        env={**os.environ, "PREFECT_API_URL": prefect_api}, cwd=tmp_path, capture_output=True, text=True,
+        timeout=600)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr + result.stdout
+    block = result.stderr[result.stderr.rindex("adapterflow run failed:"):]
+    assert block.startswith("adapterflow run failed: Verification of the saved adapter failed:")
+    assert "1e-30" in block and "--debug" not in block, block

@@ -15,7 +15,7 @@ from flow_helpers import artifacts, run_flow, task_runs
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 STEPS = ("prepare-run", "train-adapter", "extract-adapter", "convert-pissa-to-lora", "save-adapter", "verify-adapter",
-         "log-to-mlflow", "push-to-hub")
+         "export-merged", "log-to-mlflow", "push-to-hub")
 
 
 def test_pissa_run_trains_converts_saves_and_verifies(tmp_path):
@@ -36,7 +36,7 @@ def test_pissa_run_trains_converts_saves_and_verifies(tmp_path):
 
     runs = task_runs(state)
     assert set(runs) == set(STEPS)
-    optional = {"log-to-mlflow", "push-to-hub"}  # off here: mlflow.enabled=false, no hub.repo_id
+    optional = {"export-merged", "log-to-mlflow", "push-to-hub"}  # off here: no export.merged, mlflow.enabled=false, no hub.repo_id
     assert all(run.state.name == "Completed" for name, run in runs.items() if name not in optional)
     assert all(runs[name].state.name == "Skipped" for name in optional)
 
@@ -48,6 +48,11 @@ def test_pissa_run_trains_converts_saves_and_verifies(tmp_path):
     metrics = {r["metric"]: r["value"] for r in found["training-summary"][1]}
     assert metrics["steps"] == "8" and float(metrics["eval_loss_after"]) < float(metrics["eval_loss_before"])
     assert "Verification PASSED" in found["verification-report"][1]
+    serving = summary["verification"]["serving"]  # the serving preflight against the base model's folder
+    assert serving["base"] == config["base_model_name_or_path"] and serving["passed"], serving
+    assert [serving["runtimes"][rt]["failed_rules"] for rt in ("vllm", "llama.cpp", "peft")] == [[], [], []]
+    assert "| vllm | module_paths | pass |" in found["verification-report"][1]
+    assert "will it serve | vllm ok, llama.cpp ok, peft ok |" in found["run-summary"][1]
 
     # Adapter tensors land in the initial adapter, the checkpoints (PEFT adapter folders) and the output only.
     run_dir = Path(summary["run_dir"])
@@ -71,6 +76,24 @@ def test_lora_run_skips_the_conversion_visibly(tmp_path):
     assert convert.state.name == "Skipped" and "not a PiSSA adapter" in convert.state.message
     adapter_dir = Path(state.result()["adapter_dir"])
     assert (adapter_dir / "adapter_model.bin").is_file() and not state.result()["converted"]
+
+
+def test_a_required_runtime_that_refuses_the_adapter_fails_verify_before_mlflow(tmp_path):
+    """verify.require_runtimes=["vllm"] and save.save_embedding_layers=true (full embedding copies, which vLLM
+    refuses; only the saved files show it, so the pre-training check cannot): verify-adapter fails, not retried,
+    naming the rule; log-to-mlflow and push-to-hub never run."""
+    state = run_flow(tmp_path / "runs", adapter={"init": "lora"}, save={"save_embedding_layers": True},
+                     verify={"require_runtimes": ["vllm"]})
+    assert state.is_failed()
+    runs = task_runs(state, "verify-adapter")
+    verify = runs["verify-adapter"]
+    assert verify.state.name == "Failed" and verify.run_count == 1
+    assert "log-to-mlflow" not in runs and "push-to-hub" not in runs
+    message = str(state.result(raise_on_failure=False))
+    assert "verify.require_runtimes=['vllm']" in message and "vllm weight_keys: vLLM refuses tensors" in message
+    assert "embed_tokens.weight" in message, message
+    report = artifacts(state)["verification-report"][1]
+    assert "Verification FAILED" in report and "required runtime vllm fails weight_keys\n" in report, report
 
 
 def test_bad_parameters_fail_before_training_and_name_every_problem(tmp_path):

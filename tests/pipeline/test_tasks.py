@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 
 from adapterflow.flows.parameters import HubSettings, MlflowSettings
+from adapterflow.flows.parameters_export import ExportSettings
 from adapterflow.manifest import verify_manifest
 from adapterflow.tasks.convert_pissa_to_lora import convert_pissa_to_lora_task
+from adapterflow.tasks.export_merged import export_merged
 from adapterflow.tasks.extract_adapter import extract_adapter
 from adapterflow.tasks.log_to_mlflow import log_to_mlflow
 from adapterflow.tasks.push_to_hub import push_to_hub
@@ -55,3 +57,7 @@ def test_optional_steps_skip_visibly():
     assert mlflow_state.result() == {}
     hub_state = push_to_hub.fn(None, HubSettings(), MlflowSettings(), {}, None, "flow-run")
     assert hub_state.name == "Skipped" and "hub.repo_id" in hub_state.message and hub_state.result() == {}
+    export_state = export_merged.fn(None, ExportSettings(), HubSettings(), {})
+    assert export_state.name == "Skipped" and "export.merged" in export_state.message and export_state.result() == {}
+    with pytest.raises(ValueError, match="no merged model was exported; set export.merged=true"):
+        push_to_hub.fn(None, HubSettings(push_merged=True, merged_repo_id="me/m"), MlflowSettings(), {}, None, "x")

@@ -1,0 +1,117 @@
+"""`adapterflow check`: the serving preflight from the command line. Exit 0 when every runtime asked for passes,
+1 when one fails, 2 on a usage error (one line, no traceback); --json is the report's dict; a Hub base is read
+from the local Hub-protocol server (config.json and safetensors headers only)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from adapterflow import LoraConfig, get_adapter_model
+from adapterflow.flows.cli import main
+from tiny import load_llama
+
+TOKEN = "hf_check_test_token"
+
+
+def save(base_dir: Path, path: Path, **config) -> Path:
+    model = get_adapter_model(load_llama(base_dir), LoraConfig(task_type="CAUSAL_LM", **config))
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def adapters(base_dir, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("adapters")
+    return {"ok": save(base_dir, root / "ok", r=8, lora_alpha=16, target_modules="all-linear"),
+            "mts": save(base_dir, root / "mts", r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["lm_head"])}
+
+
+def check(capfd, *arguments) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["check", *map(str, arguments)])
+    out, err = capfd.readouterr()
+    return exit_info.value.code, out, err
+
+
+def test_an_adapter_that_serves_exits_0(capfd, adapters, base_dir):
+    code, out, err = check(capfd, adapters["ok"], "--base", base_dir)
+    assert code == 0, out + err
+    assert "vLLM: pass" in out and "llama.cpp: pass" in out and "PEFT: pass" in out
+    assert "  pass  module_paths       every module path of the 28 tensors exists in" in out
+
+
+def test_a_refused_adapter_exits_1_naming_the_rule_and_the_fix(capfd, adapters, base_dir):
+    code, out, err = check(capfd, adapters["mts"], "--base", base_dir)
+    assert code == 1 and err == "", err
+    assert "vLLM: FAIL (modules_to_save, weight_keys)" in out and "PEFT: pass" in out
+    assert "FAIL  modules_to_save    modules_to_save [lm_head]: vLLM refuses it; retrain without it or serve with " \
+           "PEFT" in out
+    assert check(capfd, adapters["mts"], "--runtime", "peft")[0] == 0  # only the runtimes asked for count
+
+
+def test_json_report(capfd, adapters):
+    code, out, _ = check(capfd, adapters["mts"], "--json", "--runtime", "vllm,llama_cpp", "--max-lora-rank", "8")
+    data = json.loads(out)
+    assert code == 1 and list(data["runtimes"]) == ["vllm", "llama.cpp"] and data["base"] is None
+    assert data["runtimes"]["vllm"]["failed_rules"] == ["modules_to_save", "weight_keys"]
+    assert {r["rule"]: r["verdict"] for r in data["runtimes"]["vllm"]["rules"]}["module_paths"] == "warn"
+
+
+USAGE_CASES = [
+    (["missing-folder"], ["ADAPTER_DIR missing-folder: no such folder"]),
+    (["{ok}", "--runtime", "vllm,tgi"], ["--runtime 'vllm,tgi': unknown runtime tgi", "vllm, llama.cpp, peft"]),
+    (["{ok}", "--runtime", ","], ["unknown runtime (none given)"]),
+    (["{ok}", "--max-lora-rank", "12"], ["--max-lora-rank '12'", "1, 8, 16, 32, 64, 128, 256, 320, 512"]),
+    (["{ok}", "--max-lora-rank", "big"], ["--max-lora-rank 'big'"]),
+    (["{ok}", "--base", "not//valid"], ["--base not//valid: neither an existing folder nor a Hub repo id"]),
+    (["{ok}", "--base", ""], ["--base is empty"]),
+    (["{ok}", "--base", "{empty}"], ["is not a model folder: it has no config.json"]),
+    (["{empty}"], ["has no adapter_config.json"]),
+    (["{broken}"], ["adapter_config.json is not readable JSON"]),
+]
+
+
+@pytest.mark.parametrize("arguments, fragments", USAGE_CASES, ids=[" ".join(c[0]) for c in USAGE_CASES])
+def test_usage_errors_exit_2_with_one_line(capfd, adapters, tmp_path, monkeypatch, arguments, fragments):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "adapter_config.json").write_text('{"r": 8,')
+    monkeypatch.chdir(tmp_path)
+    names = {"ok": adapters["ok"], "empty": tmp_path / "empty", "broken": tmp_path / "broken"}
+    code, out, err = check(capfd, *(a.format(**names) for a in arguments))
+    assert code == 2 and out == "" and err.startswith("adapterflow check: ") and len(err.splitlines()) == 1, err
+    assert "Traceback" not in err and all(f in err for f in fragments), err
+
+
+def test_the_installed_command(adapters, base_dir):
+    """The console script, as a user runs it: exit statuses and no traceback."""
+    command = [sys.executable, "-m", "adapterflow.flows.cli", "check"]
+    ok = subprocess.run([*command, adapters["ok"], "--base", base_dir], capture_output=True, text=True, timeout=120)
+    refused = subprocess.run([*command, adapters["mts"]], capture_output=True, text=True, timeout=120)
+    usage = subprocess.run([*command, "nowhere"], capture_output=True, text=True, timeout=120)
+    assert (ok.returncode, refused.returncode, usage.returncode) == (0, 1, 2), (ok.stderr, refused.stderr)
+    assert "Traceback" not in ok.stderr + refused.stderr + usage.stderr
+
+
+def test_a_hub_base_is_read_from_its_headers(capfd, adapters, base_dir, tmp_path, monkeypatch):
+    from huggingface_hub import HfApi
+
+    from hub_server import HubServer, isolated_hub_client
+
+    with isolated_hub_client(tmp_path / "hf"), HubServer(tmp_path / "hub", token=TOKEN) as server:
+        monkeypatch.setenv("HF_ENDPOINT", server.url)
+        monkeypatch.setenv("HF_TOKEN", TOKEN)
+        api = HfApi(endpoint=server.url, token=TOKEN)
+        api.create_repo("tester/tiny-base")
+        api.upload_folder(folder_path=base_dir, repo_id="tester/tiny-base")
+        code, out, err = check(capfd, adapters["ok"], "--base", "tester/tiny-base")
+        assert code == 0 and "base:    tester/tiny-base" in out, out + err
+        downloads = [path for method, path, _ in server.requests if "/resolve/" in path]
+        code, out, err = check(capfd, adapters["ok"], "--base", "tester/missing")
+    assert code == 2 and "--base tester/missing: could not read it from the Hub" in err, err
+    assert any(p.endswith("/config.json") for p in downloads)
