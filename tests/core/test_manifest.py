@@ -220,3 +220,41 @@ def test_write_adapters_without_a_base_model_leaves_the_base_unknown(tmp_path, l
     write_adapters(tmp_path / "a", {"default": (state, LoraConfig(r=2, target_modules=["q_proj"]))})
     assert read_manifest(tmp_path / "a")["base"] is None and verify_manifest(tmp_path / "a") == []
     AdapterModel.from_pretrained(load_base(), tmp_path / "a")  # files checked, no base to compare
+
+
+def test_large_tensors_are_hashed_in_the_helper_thread_in_file_order(tmp_path, monkeypatch):
+    import os
+    import threading
+
+    from adapterflow import digest
+
+    # Tensors over the helper thread's threshold, mixed with small ones: the digest must follow the file's order.
+    generator = torch.Generator().manual_seed(0)
+    state = {f"base_model.model.m{i}.q_proj.lora_{ab}.weight": torch.randn(shape, generator=generator)
+             for i, (r, n) in enumerate([(8, 4096), (2, 16), (16, 2048)])
+             for ab, shape in (("A", (r, n)), ("B", (n, r)))}
+    config = LoraConfig(r=16, target_modules=["q_proj"], rank_pattern={"m0.q_proj": 8, "m1.q_proj": 2})
+    started = []
+    real_start = threading.Thread.start
+    monkeypatch.setattr(threading.Thread, "start", lambda self: (started.append(self.name), real_start(self))[1])
+    write_adapters(tmp_path / "a", {"default": (state, config)})
+    assert "adapterflow-sha256" in started
+    assert read_manifest(tmp_path / "a")["files"]["adapter_model.safetensors"] == digests(
+        tmp_path / "a", ["adapter_model.safetensors"])["adapter_model.safetensors"]
+    assert digest._THREAD_MIN_BYTES < 8 * 4096 * 4
+
+    # A write that fails half way stops the helper thread and leaves no manifest.
+    calls = {"n": 0}
+    real_writev = os.writev
+
+    def failing_writev(fd, buffers):
+        calls["n"] += 1
+        if calls["n"] == 1:  # the file is one writev group: its buffers are already queued for hashing
+            raise OSError(5, "Input/output error (injected)")
+        return real_writev(fd, buffers)
+
+    monkeypatch.setattr(os, "writev", failing_writev)
+    before = threading.active_count()
+    with pytest.raises(OSError, match="injected"):
+        write_adapters(tmp_path / "b", {"default": (state, config)})
+    assert threading.active_count() == before and not (tmp_path / "b").exists()
