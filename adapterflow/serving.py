@@ -19,8 +19,11 @@ every module; no lm_head adapter on tied embeddings; one alpha, scale alpha / ra
 come out silently wrong; no DoRA.
 
 PEFT (`peft/tuners/lora/config.py`, `peft/utils/save_and_load.py`): peft_type LORA, a weight file, A/B pairs,
-PiSSA initialisations that can be rebuilt at load. With a base, for every runtime: every adapter tensor's full
-module path exists in the base with a fitting shape, and the embedding vocabulary matches.
+PiSSA initialisations that can be rebuilt at load. For every runtime: each module's lora_A/lora_B ranks agree with
+each other and with the config's r / rank_pattern (PEFT refuses other shapes, vLLM scales by alpha / r_config,
+llama.cpp by alpha / the tensor's rank). With a base (`adapterflow.serving_base_rules`), for every runtime: every
+adapter tensor's full module path exists in the base with a fitting shape, the embedding vocabulary matches, and
+each listed target_modules entry names a base module (a warning: PEFT leaves an unmatched one out silently).
 """
 
 from __future__ import annotations
@@ -33,8 +36,9 @@ from typing import Callable, Literal, Optional, Union
 
 from adapterflow import formats
 from adapterflow import serving_rules as rules
+from adapterflow.serving_base_rules import module_paths, target_modules, vocab
 from adapterflow.serving_files import AdapterFiles, BaseShapes, read_adapter_files, read_base_shapes
-from adapterflow.serving_rules import FAIL, PASS, VLLM_MAX_LORA_RANKS, WARN, Inputs
+from adapterflow.serving_rules import FAIL, PASS, VLLM_MAX_LORA_RANKS, Inputs
 
 RUNTIMES = ("vllm", "llama.cpp", "peft")
 Runtime = Literal["vllm", "llama.cpp", "peft"]
@@ -151,87 +155,6 @@ def _check_arguments(runtimes: tuple[str, ...], max_lora_rank: Optional[int]) ->
                          f"{', '.join(map(str, VLLM_MAX_LORA_RANKS))}")
 
 
-def module_paths(ctx: Inputs, runtime: str) -> tuple[str, str]:
-    """Every adapter tensor names a module the base has, with a shape that fits its weight (vllm#34186)."""
-    if ctx.base is None:
-        return WARN, ("not checked against a base model: pass --base to check every module path and shape (a path "
-                      "the base lacks makes vLLM serve the base model silently, vllm#34186)")
-    problems = []
-    for key in sorted(ctx.adapter.shapes):
-        if formats.BASE_LAYER not in key:
-            problem = _key_problem(ctx, key)
-            if problem:
-                problems.append(problem)
-    if not problems:
-        return PASS, f"every module path of the {len(ctx.adapter.shapes)} tensors exists in {ctx.base.source}"
-    effect = {"vllm": "vLLM loads such an adapter and silently serves the base model there (vllm#34186)",
-              "llama.cpp": "convert_lora_to_gguf.py cannot map these tensors onto the base",
-              "peft": "PEFT cannot place these tensors (they load as unexpected keys, or fail on the shape)"}[runtime]
-    return FAIL, (f"{len(problems)} tensor(s) do not fit {ctx.base.source}: {rules._short(problems, 2)}; {effect}; "
-                  f"train the adapter on this base model (or check with the base it was trained on)")
-
-
-def _key_problem(ctx: Inputs, key: str) -> Optional[str]:
-    shape = ctx.adapter.shapes[key]
-    path = key.removeprefix(formats.PEFT_KEY_PREFIX)
-    is_lora = key.endswith(rules.LORA_SUFFIXES)
-    in_adapter_layer = any(part.startswith("lora_") for part in path.split("."))  # also DoRA, lora_bias tensors
-    module = formats.module_of_key(path) if in_adapter_layer else path.rsplit(".", 1)[0]
-    weight_key = f"{module}.weight" if in_adapter_layer else path
-    base_shape = ctx.base.shapes.get(weight_key)
-    if base_shape is None and module.split(".")[-1] == "lm_head" and ctx.base.tie_word_embeddings:
-        embedding = ctx.base.embedding_key()
-        base_shape = ctx.base.shapes.get(embedding) if embedding else None
-    if base_shape is None:
-        return f"{module} (no {weight_key} in the base{_near(ctx.base, module)})"
-    if not is_lora or len(shape) != 2 or len(base_shape) != 2:
-        fits = in_adapter_layer or shape == base_shape  # a full copy (modules_to_save, bias) has the base's shape
-        return None if fits else f"{path} {shape} does not fit the base's {base_shape}"
-    out_features, in_features = base_shape
-    if key.endswith(rules.LORA_SUFFIXES[2:]):  # embedding: weight (vocab, hidden); A (r, vocab), B (hidden, r)
-        out_features, in_features = in_features, out_features
-    elif ctx.config.get("fan_in_fan_out"):  # Conv1D stores (in, out)
-        out_features, in_features = in_features, out_features
-    expected = in_features if formats.is_lora_a(key) else out_features
-    got = shape[1] if formats.is_lora_a(key) else shape[0]
-    if got != expected:
-        return f"{path} {shape} does not fit the base weight {weight_key} {base_shape}"
-    return None
-
-
-def _near(base: BaseShapes, module: str) -> str:
-    """A hint for a missing module path: a base module with the same ending (another prefix), if any."""
-    modules = sorted({k.removesuffix(".weight") for k in base.shapes if k.endswith(".weight")})
-    near = [m for m in modules if m.endswith(f".{module}") or module.endswith(f".{m}")]
-    tail = ".".join(module.split(".")[-3:])
-    near = near or [m for m in modules if m == tail or m.endswith(f".{tail}")]
-    return f"; it has {near[0]}" if near else ""
-
-
-def vocab(ctx: Inputs, runtime: str) -> tuple[str, str]:
-    """lora_embedding_A is (r, vocab) and full embedding weights (vocab, hidden): vocab must be the base's."""
-    if ctx.base is None:
-        return PASS, "vocabulary not checked (no base given)"
-    size = ctx.base.vocab_size
-    embedding = ctx.base.embedding_key()
-    if embedding:
-        size = ctx.base.shapes[embedding][0]
-    found = {}
-    for key, shape in ctx.adapter.shapes.items():
-        if key.endswith(f".{formats.LORA_EMBEDDING_A}") and len(shape) == 2:
-            found[key] = shape[1]
-        elif key.endswith(tuple(f"{n}.weight" for n in formats.EMBEDDING_LAYER_NAMES)) and len(shape) == 2:
-            found[key] = shape[0]
-    wrong = {k: v for k, v in found.items() if v != size}
-    if not found:
-        return PASS, "no embedding tensors"
-    if wrong:
-        extra = " (vLLM removed extra-vocabulary support, PR #28382)" if runtime == "vllm" else ""
-        return FAIL, (f"vocabulary {sorted(set(wrong.values()))} in {rules._short(sorted(wrong), 2)} but the base has "
-                      f"{size}{extra}; serve on the base the adapter was trained on, with its tokenizer")
-    return PASS, f"embedding vocabulary {size} matches the base"
-
-
 def peft_type(ctx: Inputs) -> tuple[str, str]:
     value = ctx.config.get("peft_type")
     if value != formats.PEFT_TYPE_LORA:
@@ -248,7 +171,7 @@ def _table(runtime: str, entries: list[tuple[str, Callable]]) -> list[tuple[str,
     """Bind the runtime's display name into rules that take one."""
     label = {"vllm": "vLLM", "llama.cpp": "llama.cpp", "peft": "PEFT"}[runtime]
     shared = {rules.required_keys, rules.modules_to_save, rules.dora, rules.bias, rules.residual_init,
-              rules.weights_file, rules.weight_keys, rules.pairs}  # rules that name the runtime in their message
+              rules.weights_file, rules.weight_keys, rules.pairs, rules.ranks_match}  # rules that name the runtime in their message
     bound = []
     for name, rule in entries:
         base_rule = rule.func if isinstance(rule, partial) else rule
@@ -268,6 +191,7 @@ _RULES: dict[str, list[tuple[str, Rule]]] = {
         ("use_dora", rules.dora), ("bias", rules.bias), ("init_lora_weights", rules.residual_init),
         ("layer_replication", rules.layer_replication),
         ("weights_file", partial(rules.weights_file, names=_VLLM_FILES)), ("weight_keys", partial(rules.weight_keys, skipped=f".{formats.BASE_LAYER}.")),
+        ("lora_rank", rules.ranks_match), ("target_modules", target_modules),
         ("module_paths", module_paths), ("vocab", vocab)]),
     "llama.cpp": _table("llama.cpp", [
         ("config_keys", partial(rules.required_keys, keys=("lora_alpha",))), ("base_config", rules.llama_cpp_base),
@@ -276,10 +200,11 @@ _RULES: dict[str, list[tuple[str, Rule]]] = {
         ("alpha_pattern", rules.alpha_pattern),
         ("weights_file", partial(rules.weights_file, names=formats.WEIGHTS_NAMES)),
         ("weight_keys", partial(rules.weight_keys, skipped=f".{formats.BASE_LAYER}.weight")),
-        ("lora_pairs", rules.pairs), ("tied_lm_head", rules.tied_lm_head),
-        ("module_paths", module_paths), ("vocab", vocab)]),
+        ("lora_pairs", rules.pairs), ("lora_rank", rules.ranks_match), ("tied_lm_head", rules.tied_lm_head),
+        ("target_modules", target_modules), ("module_paths", module_paths), ("vocab", vocab)]),
     "peft": _table("peft", [
         ("peft_type", peft_type), ("init_lora_weights", rules.peft_residual_init),
         ("weights_file", partial(rules.weights_file, names=formats.WEIGHTS_NAMES)), ("lora_pairs", rules.pairs),
+        ("lora_rank", rules.ranks_match), ("target_modules", target_modules),
         ("module_paths", module_paths), ("vocab", vocab)]),
 }

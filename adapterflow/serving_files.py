@@ -7,6 +7,7 @@ memory-mapped (`torch.load(mmap=True, weights_only=True)`), so a 70B base costs 
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,9 @@ BASE_BIN = "pytorch_model.bin"
 ADAPTER_WEIGHT_NAMES = (*formats.WEIGHTS_NAMES, formats.PT_WEIGHTS_NAME)
 
 Shapes = dict[str, tuple[int, ...]]
+# Bytes per element of the safetensors header dtypes (safetensors format spec; unknown ones count 0).
+_DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2,
+                "F8_E4M3": 1, "F8_E5M2": 1, "I8": 1, "U8": 1, "BOOL": 1}
 
 
 @dataclass(frozen=True)
@@ -39,12 +43,14 @@ class AdapterFiles:
         config: adapter_config.json as written (a dict; nothing validated or defaulted).
         weights_file: name of the first weight file found in ADAPTER_WEIGHT_NAMES order, None if there is none.
         shapes: {checkpoint key: shape} of that file's tensors.
+        nbytes: {checkpoint key: size in bytes} of the same tensors (shape x dtype size).
     """
 
     folder: Path
     config: dict
     weights_file: Optional[str]
     shapes: Shapes = field(default_factory=dict)
+    nbytes: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -98,7 +104,8 @@ def read_adapter_files(folder: str | os.PathLike) -> AdapterFiles:
                                 f"(for an adapter not named 'default', its subfolder).")
     config = _read_json(config_path)
     name = next((n for n in ADAPTER_WEIGHT_NAMES if (folder / n).is_file()), None)
-    return AdapterFiles(folder, config, name, read_shapes(folder / name) if name else {})
+    shapes, nbytes = read_tensor_sizes(folder / name) if name else ({}, {})
+    return AdapterFiles(folder, config, name, shapes, nbytes)
 
 
 def read_base_shapes(folder: str | os.PathLike) -> BaseShapes:
@@ -139,12 +146,25 @@ def read_shapes(path: Path) -> Shapes:
     Raises:
         FileNotFoundError: no such file. AdapterLoadError: not a readable weight file.
     """
+    return read_tensor_sizes(path)[0]
+
+
+def read_tensor_sizes(path: Path) -> tuple[Shapes, dict[str, int]]:
+    """({tensor name: shape}, {tensor name: bytes}) of one weight file, as `read_shapes` reads it; the bytes of a
+    safetensors tensor come from its header dtype (safetensors format: F32 is 4 bytes, BF16 2, ...).
+
+    Raises:
+        FileNotFoundError: no such file. AdapterLoadError: not a readable weight file.
+    """
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist (named in the folder's index).")
     try:
         if path.suffix == ".safetensors":
             with safe_open(str(path), framework="pt") as f:
-                return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+                slices = {key: f.get_slice(key) for key in f.keys()}
+                shapes = {key: tuple(s.get_shape()) for key, s in slices.items()}
+                return shapes, {key: math.prod(shapes[key]) * _DTYPE_BYTES.get(s.get_dtype(), 0)
+                                for key, s in slices.items()}
         state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except OSError:
         raise
@@ -152,7 +172,8 @@ def read_shapes(path: Path) -> Shapes:
         raise AdapterLoadError(f"{path} is not a readable weight file ({type(exc).__name__}: {exc}).") from None
     if not isinstance(state, dict):
         raise AdapterLoadError(f"{path} holds a {type(state).__name__}, not a dict of tensors.")
-    return {key: tuple(t.shape) for key, t in state.items() if isinstance(t, torch.Tensor)}
+    tensors = {key: t for key, t in state.items() if isinstance(t, torch.Tensor)}
+    return {k: tuple(t.shape) for k, t in tensors.items()}, {k: t.numel() * t.element_size() for k, t in tensors.items()}
 
 
 def _read_json(path: Path) -> dict:

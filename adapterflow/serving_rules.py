@@ -151,10 +151,19 @@ def weights_file(ctx: Inputs, runtime: str, names: tuple[str, ...]) -> tuple[str
 
 def weight_keys(ctx: Inputs, runtime: str, skipped: str) -> tuple[str, str]:
     """Only LoRA A/B and lora_embedding_A/B tensors; keys containing `skipped` are ignored (vLLM: any
-    `.base_layer.` key; llama.cpp: `.base_layer.weight` only, so bias="lora_only"'s base_layer.bias stops it)."""
+    `.base_layer.` key; llama.cpp: `.base_layer.weight` only, so bias="lora_only"'s base_layer.bias stops it).
+    Such a key is the full copy of a targeted embedding / lm_head that PEFT's save_embedding_layers writes
+    (`peft/utils/save_and_load.py`); the message names it and its size, since it is not needed for serving."""
+    ignored = sorted(k for k in ctx.adapter.shapes if skipped in k)
     odd = sorted(k for k in ctx.adapter.shapes if not k.endswith(LORA_SUFFIXES) and skipped not in k)
+    note = ""
+    if ignored:
+        names = [k.removeprefix(formats.PEFT_KEY_PREFIX) for k in ignored]
+        size = _size(sum(ctx.adapter.nbytes.get(k, 0) for k in ignored))
+        note = (f"; {len(ignored)} {formats.BASE_LAYER} key{'s' if len(ignored) > 1 else ''} skipped by {runtime} "
+                f"({_short(names)}, {size} not needed for serving)")
     if not odd:
-        return PASS, f"{len(ctx.adapter.shapes)} tensors, all LoRA A/B"
+        return PASS, f"{len(ctx.adapter.shapes) - len(ignored)} LoRA A/B tensors{note}"
     embeddings = [k for k in odd if k.endswith(tuple(f"{n}.weight" for n in formats.EMBEDDING_LAYER_NAMES))]
     fixes = []
     if embeddings:
@@ -166,7 +175,59 @@ def weight_keys(ctx: Inputs, runtime: str, skipped: str) -> tuple[str, str]:
         fixes.append("biases: retrain with bias='none' and lora_bias=false")
     if not fixes:
         fixes.append("retrain as a plain LoRA adapter, or serve with PEFT")
-    return FAIL, f"{runtime} refuses tensors other than LoRA A/B: {_short(odd)}; " + "; ".join(fixes)
+    return FAIL, f"{runtime} refuses tensors other than LoRA A/B: {_short(odd)}; " + "; ".join(fixes) + note
+
+
+def _size(nbytes: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.3g} {unit}"
+    return f"{nbytes} bytes"
+
+
+# What a rank that differs from the config does in each runtime.
+_RANK_EFFECTS = {
+    "PEFT": "PEFT builds each module with the config's rank and refuses other tensor shapes at load (size mismatch)",
+    "vLLM": "vLLM scales by lora_alpha / r with the config's r, not the tensors' rank, so the update comes out scaled "
+            "wrong (and a lora_A/lora_B mismatch does not load)",
+    "llama.cpp": "llama.cpp takes the rank from the tensor shape, so its scale alpha / rank is not the one the config "
+                 "says (and a lora_A/lora_B mismatch is refused at load)"}
+
+
+def ranks_match(ctx: Inputs, runtime: str) -> tuple[str, str]:
+    """Every module's lora_A rows (lora_embedding_A rows) equal its lora_B columns (lora_embedding_B columns) and
+    the config's rank for it: `r`, or the first rank_pattern key matching the module's name (PEFT's
+    `get_pattern_key`, `peft/utils/other.py`). PEFT builds the layers from the config and `load_state_dict` refuses
+    other shapes; vLLM scales by lora_alpha / r from the config (`vllm/lora/peft_helper.py`); llama.cpp takes the
+    rank from lora_A's shape (`src/llama-adapter.h`) and refuses A/B shapes that do not chain."""
+    keys = set(ctx.lora_keys())
+    shapes = ctx.adapter.shapes
+    problems = []
+    for a in sorted(k for k in keys if formats.is_lora_a(k) and len(shapes[k]) == 2):
+        b, module = formats.lora_partner(a), formats.module_of_key(a).removeprefix(formats.PEFT_KEY_PREFIX)
+        a_rank, b_shape = shapes[a][0], shapes.get(b)
+        if b in keys and b_shape and len(b_shape) == 2 and b_shape[1] != a_rank:
+            problems.append(f"{module} (lora_A rank {a_rank}, lora_B rank {b_shape[1]})")
+            continue
+        config_rank, source = _config_rank(ctx.config, module)
+        if config_rank is not None and config_rank != a_rank:
+            problems.append(f"{module} (config rank {config_rank} from {source}, tensor rank {a_rank})")
+    if problems:
+        return FAIL, (f"{len(problems)} module(s) whose tensors disagree with the config's rank: {_short(problems)}; "
+                      f"{_RANK_EFFECTS[runtime]}; re-save the adapter with the config it was trained with (r and "
+                      f"rank_pattern as the tensors say)")
+    return PASS, f"every module's A/B rank matches the config ({len(keys) // 2} modules)"
+
+
+def _config_rank(config: dict, module: str) -> tuple[Optional[int], str]:
+    for key, value in (config.get("rank_pattern") or {}).items():
+        try:
+            if re.match(rf"(.*\.)?({key})$", module):  # as peft.utils.other.get_pattern_key
+                return (value if isinstance(value, int) else None), f"rank_pattern[{key!r}]"
+        except re.error:
+            continue
+    r = config.get("r")
+    return (r if isinstance(r, int) and not isinstance(r, bool) else None), "r"
 
 
 def pairs(ctx: Inputs, runtime: str) -> tuple[str, str]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -42,16 +43,45 @@ def check_command(args: argparse.Namespace) -> int:
 
     try:
         runtimes, rank = parse_runtimes(args.runtime), parse_rank(args.max_lora_rank)
-        if not Path(args.adapter_dir).is_dir():
-            raise UsageError(f"ADAPTER_DIR {args.adapter_dir}: no such folder; pass the folder the adapter was saved to")
+        check_adapter_dir(Path(args.adapter_dir))
         base = resolve_base(args.base) if args.base is not None else None
         report = check_serving(args.adapter_dir, base=base, runtimes=runtimes, max_lora_rank=rank)
     except (UsageError, ValueError, OSError) as exc:  # AdapterLoadError is a ValueError
         message = " ".join(str(exc).split()) or type(exc).__name__
         print(f"adapterflow check: {message}", file=sys.stderr)
         return USAGE_EXIT
-    print(json.dumps(report.to_dict(), indent=2) if args.json else format_report(report))
+    print_to_closable_stdout(json.dumps(report.to_dict(), indent=2) if args.json else format_report(report))
     return 0 if report.passed() else FAILED_EXIT
+
+
+def print_to_closable_stdout(text: str) -> None:
+    """Print, tolerating a reader that closed the pipe early (`adapterflow check ... | head -3`): no traceback,
+    and stdout is pointed at os.devnull so the flush at exit does not fail again (the recipe of the Python docs,
+    `signal` module, "Note on SIGPIPE"). The exit status stays the verdict's."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+
+
+def check_adapter_dir(folder: Path) -> None:
+    """ADAPTER_DIR must be a folder: a file, a missing path, or a run folder whose adapter sits one level down is a
+    UsageError naming what to pass instead (check_serving reports a folder without adapter_config.json itself)."""
+    from adapterflow import formats
+
+    if folder.is_file():
+        hint = f" (this one is in {folder.parent})" if folder.name in (formats.CONFIG_NAME, *formats.WEIGHTS_NAMES) \
+            else ""
+        raise UsageError(f"ADAPTER_DIR {folder}: is a file, and an adapter is a folder holding {formats.CONFIG_NAME} "
+                         f"and {formats.SAFETENSORS_WEIGHTS_NAME}; pass that folder{hint}")
+    if not folder.is_dir():
+        raise UsageError(f"ADAPTER_DIR {folder}: no such folder; pass the folder the adapter was saved to")
+    if not (folder / formats.CONFIG_NAME).is_file():
+        inner = sorted(p.parent for p in folder.glob(f"*/{formats.CONFIG_NAME}"))
+        if inner:
+            raise UsageError(f"ADAPTER_DIR {folder}: has no {formats.CONFIG_NAME}, but {', '.join(map(str, inner))} "
+                             f"does: pass `adapterflow check {inner[0]}`")
 
 
 def parse_runtimes(text: str) -> tuple[str, ...]:
@@ -82,8 +112,13 @@ def resolve_base(name: str):
 
     if not name.strip():
         raise UsageError("--base is empty: give the base model's folder or its Hub repo id (namespace/name)")
-    if Path(name).expanduser().is_dir():
-        return Path(name).expanduser()
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return path
+    local = name.startswith(("./", "../", "/", "~")) or (len(path.parts) > 1 and Path(path.parts[0]).exists())
+    if local:  # a path, not a Hub id: its first folder exists here, or it starts like a path
+        raise UsageError(f"--base {name}: no such folder; pass the base model's folder (config.json and weights) "
+                         f"or its Hub repo id (namespace/name)")
     if not is_hub_model_id(name):
         raise UsageError(f"--base {name}: neither an existing folder nor a Hub repo id (namespace/name)")
     try:
@@ -96,8 +131,6 @@ def resolve_base(name: str):
 def hub_base_shapes(repo_id: str):
     """config.json (downloaded) and the weight shapes from the safetensors headers (`get_safetensors_metadata`
     reads only the headers, with HTTP range requests) of a Hub model repo."""
-    import os
-
     from huggingface_hub import HfApi, hf_hub_download
 
     from adapterflow.serving_files import BaseShapes

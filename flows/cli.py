@@ -73,10 +73,11 @@ def run_command(config_file: str | None, overrides: list[str], debug: bool = Fal
         Whatever the flow failed with, once it ran.
     """
     from adapterflow.flows.loading import load_parameters
+    from adapterflow.tasks.prepare_run import check_rerun
     from adapterflow.tasks.run_plan import check_run
 
     parameters = load_parameters(config_file, overrides)
-    check_run(parameters)
+    check_rerun(parameters, check_run(parameters))
     from adapterflow.flows.server import handle_termination, temporary_prefect_api
 
     with handle_termination(), temporary_prefect_api():  # SIGTERM acts as Ctrl-C; no server outlives the command
@@ -147,14 +148,27 @@ def _print_summary(summary: dict) -> None:
     print(f"adapter:         {summary['adapter_dir']}")
     print(f"run directory:   {summary['run_dir']}")
     print(f"eval loss:       {summary['eval_loss_before']:.4f} -> {summary['eval_loss_after']:.4f}")
+    if serving := (summary.get("verification") or {}).get("serving"):
+        print(f"serving:         {_serving_line(serving)}")
     url = flow_run_url(summary["flow_run_id"])
     print(f"prefect run:     {summary['flow_run_id']} ({url or 'temporary local API; set PREFECT_API_URL to keep runs'})")
     tracked = summary["mlflow"]
     if tracked:
         print(f"mlflow run:      {tracked['run_id']} ({tracked['run_url'] or tracked['tracking_uri']}); "
               f"model {tracked['registered_model_name']} v{tracked['model_version']}")
+    if promotion := summary.get("promotion"):
+        print(f"promotion:       {'promoted' if promotion['promoted'] else 'not promoted'}: {promotion['reason']}")
     if summary["hub"]:
         print(f"hub commit:      {summary['hub']['commit_url']}")
+
+
+def _serving_line(serving: dict) -> str:
+    """`vLLM ok, llama.cpp fails weight_keys, PEFT ok` from the verification's serving report dict."""
+    if "error" in serving:
+        return f"not checked ({serving['error']})"
+    labels = {"vllm": "vLLM", "llama.cpp": "llama.cpp", "peft": "PEFT"}
+    return ", ".join(f"{labels.get(rt, rt)} {'ok' if r['passed'] else 'fails ' + ', '.join(r['failed_rules'])}"
+                     for rt, r in serving["runtimes"].items())
 
 
 if __name__ == "__main__":

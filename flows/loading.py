@@ -136,9 +136,9 @@ def merge(base: dict, updates: dict) -> dict:
 
 def resolve_paths(data: dict, base: Path) -> dict:
     """Make the path parameters of a parameter dict absolute against `base` (a --config file's folder, or the
-    current directory for --set): runs_root, save.output_dir, dataset.path unless it is a Hub dataset id;
-    dataset.chat_template when it is a file name, not a template; base_model.name_or_path when it names a local
-    folder (`is_local_reference`). Hub ids and builtin: names stay as they are. Returns `data`."""
+    current directory for --set): runs_root, save.output_dir, dataset.path and evaluate.dataset unless they are
+    Hub dataset ids; dataset.chat_template when it is a file name, not a template; base_model.name_or_path when
+    it names a local folder (`is_local_reference`). Hub ids and builtin: names stay as they are. Returns `data`."""
     def fix(section: str, key: str, always: bool, unless=lambda value: False) -> None:
         node = data.get(section) if section else data
         value = node.get(key) if isinstance(node, dict) else None
@@ -150,6 +150,7 @@ def resolve_paths(data: dict, base: Path) -> dict:
     fix("save", "output_dir", always=True)
     fix("dataset", "path", always=True, unless=lambda value: is_hub_dataset_id(value, base))
     fix("dataset", "chat_template", always=True, unless=is_template_text)
+    fix("evaluate", "dataset", always=True, unless=lambda value: is_hub_dataset_id(value, base))
     fix("base_model", "name_or_path", always=False)
     return data
 
@@ -163,14 +164,27 @@ def describe_validation_errors(exc, sources: dict[str, str]) -> list[str]:
         message = error["msg"].removeprefix("Value error, ")
         if error["type"] == "extra_forbidden":
             message = "unknown parameter" + _did_you_mean(path)
+        elif error["input"] is None and error["type"].endswith("_type"):  # `--set key=` or `key: null`
+            message = (f"needs a value ({error['msg'].removeprefix('Input should be ').rstrip('.')}); an empty "
+                       f"value or null means none, which this parameter does not take: give one, or leave the "
+                       f"key out for its default")
         elif error["type"] == "string_pattern_mismatch" and (help_text := _description(path)):
-            message = f"{message} ({help_text})"
+            rule = f"{error['input']!r} {_PATTERN_RULES[path]}" if path in _PATTERN_RULES else message
+            message = f"{rule} ({help_text})"
         elif path in sources or "." in path:
             message = f"{message} (got {error['input']!r})" if not isinstance(error["input"], dict) else message
         described.setdefault(path, [])
         if message not in described[path]:
             described[path].append(message)
     return [f"{path}{_source(path, sources)}: {'; '.join(messages)}" for path, messages in described.items()]
+
+
+# Field patterns in words, with an example (the pattern itself in flows/parameters.py).
+_PATTERN_RULES = {
+    "run_name": "is not a plain name: use letters, digits, '_', '.' and '-', starting with a letter or digit, "
+                "e.g. 'qwen-chat-1'",
+    "adapter.name": "is not a plain name: use letters, digits, '_' and '-', e.g. 'default' or 'chat_v2'",
+}
 
 
 def _parameter_path(loc: tuple) -> str:
@@ -220,5 +234,6 @@ def _did_you_mean(path: str) -> str:
 
 
 def _source(path: str, sources: dict[str, str]) -> str:
-    where = sources.get(path)
+    """Where a key was given; for a section (an unknown `trainig`), where its first key was given."""
+    where = sources.get(path) or next((w for key, w in sources.items() if key.startswith(path + ".")), None)
     return f" ({where})" if where else ""

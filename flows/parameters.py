@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from adapterflow import LoraConfig
 from adapterflow.flows import names
 from adapterflow.flows.parameters_export import ExportSettings
+from adapterflow.flows.parameters_promote import EvaluateSettings, PromoteSettings
 from adapterflow.init_methods import PIPELINE_INIT_PATTERN, init_lora_weights_for
 from adapterflow.model_references import BUILTIN_PREFIX, is_local_reference
 from adapterflow.redaction import redact_text, register_secret, url_password
@@ -168,7 +169,8 @@ class TrainingParameters(_Section):
     @model_validator(mode="after")
     def _steps_or_epochs(self) -> "TrainingParameters":
         if (self.steps is None) == (self.epochs is None):
-            raise ValueError("set exactly one of training.steps and training.epochs")
+            raise ValueError("set exactly one of training.steps and training.epochs (to train by epochs over a "
+                             "config that sets steps: --set training.steps=null --set training.epochs=N)")
         return self
 
 
@@ -207,6 +209,8 @@ class HubSettings(_Section):
     push_merged: bool = Field(False, description="also push the merged model (export.merged) to merged_repo_id")
     merged_repo_id: Optional[str] = Field(None, description="Hub model repo (namespace/name) for the merged model; "
                                                             "not the adapter's repo_id")
+    push_when_not_promoted: bool = Field(False, description="push also when the promotion gate did not promote the "
+                                                            "new version (default: only promoted versions)")
 
     @field_validator("repo_id", "merged_repo_id")
     @classmethod
@@ -272,6 +276,8 @@ class SaveAdapterParameters(_Section):
     export: ExportSettings = Field(default_factory=ExportSettings)
     mlflow: MlflowSettings = Field(default_factory=MlflowSettings)
     hub: HubSettings = Field(default_factory=HubSettings)
+    evaluate: EvaluateSettings = Field(default_factory=EvaluateSettings)
+    promote: PromoteSettings = Field(default_factory=PromoteSettings)
 
     @field_validator("run_name")
     @classmethod

@@ -1,5 +1,5 @@
-"""The `save-adapter` flow: train -> extract -> convert -> save -> verify -> (merged export) -> MLflow -> Hub, each a
-retryable Prefect task.
+"""The `save-adapter` flow: train -> extract -> convert -> save -> verify -> (merged export) -> evaluate -> MLflow
+-> promote -> Hub, each a retryable Prefect task.
 
 Run it with `adapterflow run` (or `python -m adapterflow.flows.save_adapter`), or as a deployment:
 `prefect deployment run 'save-adapter/local'`.
@@ -10,14 +10,18 @@ from __future__ import annotations
 from prefect import flow
 from prefect.client.schemas.objects import State
 from prefect.runtime import flow_run
+from prefect.states import Completed
 
 from adapterflow.flows.parameters import SaveAdapterParameters
+from adapterflow.flows.parameters_promote import hub_push_allowed
 from adapterflow.tasks.convert_pissa_to_lora import convert_pissa_to_lora_task
 from adapterflow.tasks.export_merged import export_merged
+from adapterflow.tasks.evaluate_adapter import evaluate_adapter
 from adapterflow.tasks.extract_adapter import extract_adapter
 from adapterflow.tasks.flow_report import flow_run_tags, report, saved_as, tag_flow_run
 from adapterflow.tasks.log_to_mlflow import end_mlflow_run, log_to_mlflow, mlflow_run_hook
 from adapterflow.tasks.prepare_run import prepare_run
+from adapterflow.tasks.promote_adapter import promote
 from adapterflow.tasks.push_to_hub import push_to_hub
 from adapterflow.tasks.save_adapter import save_adapter as save_adapter_files
 from adapterflow.tasks.train_adapter import train_adapter
@@ -30,8 +34,9 @@ def save_adapter(config: SaveAdapterParameters = SaveAdapterParameters()) -> dic
     """Fine-tune a LoRA / PiSSA adapter and publish exactly the adapter.
 
     Returns a summary: run and adapter folders, eval loss before/after, verification result, flow run id, the
-    MLflow and Hub results. Also shown as the run's `run-summary` artifact and its last log lines. The MLflow run
-    starts with the training and ends after the last step (FAILED / KILLED by the state hooks when the flow fails,
+    MLflow, evaluation, promotion and Hub results; as the data of a Completed state named NotPromoted when the
+    promotion gate kept the alias where it was. Also shown as the run's `run-summary` artifact and its last log
+    lines. The MLflow run starts with the training and ends after the last step (FAILED / KILLED by the state hooks when the flow fails,
     crashes or is cancelled).
     """
     tag_flow_run(flow_run.get_id(), flow_run_tags(config))
@@ -43,8 +48,11 @@ def save_adapter(config: SaveAdapterParameters = SaveAdapterParameters()) -> dic
     saved = save_adapter_files(plan, source)
     verification = verify_adapter_task(plan, saved)
     exported = _result(export_merged(plan, config.export, config.hub, saved))  # after verify passed
+    evaluation = evaluate_adapter(plan, config.evaluate, config.promote, config.mlflow, training, saved)
     tracked = _result(log_to_mlflow(plan, config.mlflow, saved, verification, flow_run.get_id()))
-    pushed = _result(push_to_hub(plan, config.hub, config.mlflow, saved, tracked, flow_run.get_id(), exported))
+    promotion = promote(config, plan, evaluation, tracked, flow_run.get_id())
+    pushed = _result(push_to_hub(plan, config.hub, config.mlflow, saved, tracked, flow_run.get_id(), exported,
+                                 skip_reason=hub_push_allowed(config, promotion)))
     summary = {
         "flow_run_id": flow_run.get_id(),
         "run_dir": plan.run_dir,
@@ -56,10 +64,14 @@ def save_adapter(config: SaveAdapterParameters = SaveAdapterParameters()) -> dic
         "verification": verification,
         "merged": exported,
         "mlflow": tracked,
+        "evaluation": evaluation,
+        "promotion": promotion,
         "hub": pushed,
     }
     report(summary, flow_run.get_name())
     end_mlflow_run(config, flow_run.get_id())
+    if promotion and not promotion["promoted"]:  # Completed, named so in the UI; the summary is its result
+        return Completed(name="NotPromoted", message=f"Not promoted: {promotion['reason']}", data=summary)
     return summary
 
 

@@ -54,6 +54,8 @@ def summary_markdown(summary: dict, flow_run_name: str | None = None) -> str:
                                             tracked.get("model_version_url"))))
     else:
         rows.append(("MLflow", "off (mlflow.enabled=false)"))
+    if promotion := summary.get("promotion"):
+        rows.append(("promotion", f"{'promoted' if promotion['promoted'] else 'not promoted'}: {promotion['reason']}"))
     rows.append(("Hub commit", _link(f"{pushed['repo_id']}@{pushed['commit_oid'][:12]}", pushed["commit_url"])
                  if pushed.get("repo_id") else "not pushed (no hub.repo_id)"))
     if merged_push := pushed.get("merged"):
@@ -75,6 +77,8 @@ def report(summary: dict, flow_run_name: str | None = None) -> None:
                              description="What this run produced, with links to MLflow and the Hub")
     logger = get_run_logger()
     tracked, pushed = summary.get("mlflow") or {}, summary.get("hub") or {}
+    if promotion := summary.get("promotion"):  # first: the adapter folder and the links stay the last lines
+        logger.info("Promotion: %s (%s)", "promoted" if promotion["promoted"] else "not promoted", promotion["reason"])
     logger.info("Adapter: %s", summary["adapter_dir"])
     logger.info("Eval loss: %.4f -> %.4f; verification %s (max abs logit difference %.2e)",
                 summary["eval_loss_before"], summary["eval_loss_after"],

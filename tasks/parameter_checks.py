@@ -3,11 +3,14 @@ pipeline's combinations, torchrun's rules. `run_plan.check_run` runs them with t
 
 from __future__ import annotations
 
+import os
 import re
+from urllib.parse import urlsplit
 
 import torch
 
 from adapterflow.flows.parameters import SaveAdapterParameters
+from adapterflow.flows.parameters_promote import PREVIOUS_ALIAS, promotion_active
 from adapterflow.init_methods import is_pissa, is_randomized_pissa
 
 
@@ -66,7 +69,34 @@ def combination_problems(params: SaveAdapterParameters) -> list[str]:
     if selected is not None and selected != [params.adapter.name]:
         problems.append(f"save.selected_adapters={selected}: this run trains one adapter, "
                         f"{params.adapter.name!r}; use [{params.adapter.name!r}] or null.")
-    return problems + export_problems(params)
+    return problems + export_problems(params) + promotion_problems(params) + tracking_uri_problems(params)
+
+
+# The URI schemes MLflow has a tracking store for (mlflow/tracking/_tracking_service/utils.py
+# `_tracking_store_registry`; the model registry takes the same ones). "" is a local folder.
+MLFLOW_URI_SCHEMES = ("", "file", "http", "https", "sqlite", "postgresql", "mysql", "mssql", "databricks",
+                      "databricks-uc", "uc")
+
+
+def tracking_uri_problems(params: SaveAdapterParameters) -> list[str]:
+    """mlflow.tracking_uri (or $MLFLOW_TRACKING_URI) has a scheme MLflow can record to; found before training,
+    not by log-to-mlflow after it. The value is quoted without its password (redact_text)."""
+    from adapterflow.redaction import redact_text
+
+    if not params.mlflow.enabled:
+        return []
+    given = params.mlflow.tracking_uri
+    uri, source = (given, "mlflow.tracking_uri") if given else (os.environ.get("MLFLOW_TRACKING_URI"),
+                                                                "$MLFLOW_TRACKING_URI")
+    if not uri:
+        return []
+    scheme = urlsplit(uri).scheme.lower()
+    base = scheme.split("+", 1)[0]  # postgresql+psycopg2://, mysql+pymysql://
+    if base in MLFLOW_URI_SCHEMES or (len(scheme) == 1 and os.name == "nt"):
+        return []
+    return [f"{source}={redact_text(uri)!r}: MLflow has no tracking store for the scheme {scheme!r}; use "
+            f"http(s)://host:port for a tracking server, sqlite:///path/mlflow.db, a database URI "
+            f"(postgresql, mysql, mssql), file:///path or a local folder, or set mlflow.enabled=false."]
 
 
 def export_problems(params: SaveAdapterParameters) -> list[str]:
@@ -97,6 +127,22 @@ def export_problems(params: SaveAdapterParameters) -> list[str]:
         problems.append(f"hub.merged_repo_id={hub.merged_repo_id!r} is also hub.repo_id: transformers loads a repo "
                         f"holding adapter_config.json as the adapter, not as the merged model; use another repo "
                         f"for the merged model.")
+    return problems
+
+
+def promotion_problems(params: SaveAdapterParameters) -> list[str]:
+    """The promote and evaluate sections against MLflow's: the gate moves an alias of the registered model."""
+    promote, problems = params.promote, []
+    if promote.explicitly_enabled() and not params.mlflow.enabled:
+        problems.append("promote.enabled=true needs mlflow.enabled=true: the gate moves an alias of the MLflow "
+                        "registered model; set mlflow.enabled=true, or promote.enabled=false.")
+    if promotion_active(params) and params.mlflow.alias in (promote.alias, PREVIOUS_ALIAS):
+        problems.append(f"mlflow.alias={params.mlflow.alias!r} is an alias the promotion gate manages (promote.alias="
+                        f"{promote.alias!r}, and {PREVIOUS_ALIAS!r} for its former holder): log-to-mlflow would move "
+                        f"it to every new version; use another mlflow.alias (e.g. candidate), or none.")
+    if promote.enabled and promote.metric == "exact_match" and not params.evaluate.exact_match:
+        problems.append("promote.metric=exact_match needs evaluate.exact_match=true (exact match is only measured "
+                        "then); set it, or use promote.metric=eval_loss.")
     return problems
 
 

@@ -32,24 +32,11 @@ def prepare_run(params: SaveAdapterParameters, run_name: str) -> RunPlan:
         ParameterError: listing everything that is wrong (permanent: not retried).
     """
     checked = check_run(params)
-    runs_root = local_path(params.runs_root)
-    run = RunDir(runs_root / run_name)
+    run = RunDir(local_path(params.runs_root) / run_name)
     output_dir = checked.output_dir or run.root / "adapter"
     if params.save.output_dir:
-        output_dir = claim_output_dir(output_dir, run, runs_root / "claims", params.save.if_exists)
-    plan = RunPlan(
-        run_dir=str(run.root), adapter_name=params.adapter.name, base_model_path=str(checked.base_path),
-        dtype=params.base_model.dtype, dataset_path=checked.dataset.path,
-        dataset_fingerprint=dataset_fingerprint(checked.dataset), dataset=asdict(checked.dataset),
-        eval_fraction=params.dataset.eval_fraction,
-        max_seq_len=params.training.max_seq_len, lora_config=checked.config.to_dict(),
-        training=training_settings(params, checked), launch=launch_settings(params), output_dir=str(output_dir),
-        safe_serialization=params.save.safe_serialization, save_embedding_layers=params.save.save_embedding_layers,
-        convert_pissa_to_lora=is_pissa(params.adapter.init) and params.save.convert_pissa_to_lora,
-        atol=params.verify.atol or (1e-4 if params.base_model.dtype == "float32" else 5e-2),
-        require_runtimes=list(params.verify.require_runtimes),
-        parameters=params.model_dump(mode="json"),
-    )
+        output_dir = claim_output_dir(output_dir, run, local_path(params.runs_root) / "claims", params.save.if_exists)
+    plan = build_plan(params, checked, run, output_dir)
     record = redact(plan.model_dump(mode="json"))  # no token or URL password on disk
     _refuse_changed_rerun(run, record, run_name)
     run.root.mkdir(parents=True, exist_ok=True)
@@ -93,6 +80,37 @@ def _holds_adapter(folder: Path) -> bool:
 
 
 # What a rerun may change and still resume its checkpoints: where and how fast it runs, not what it trains.
+def build_plan(params: SaveAdapterParameters, checked, run: RunDir, output_dir: Path) -> RunPlan:
+    """The run's plan from its parameters and what check_run found (`checked`); writes nothing."""
+    return RunPlan(
+        run_dir=str(run.root), adapter_name=params.adapter.name, base_model_path=str(checked.base_path),
+        dtype=params.base_model.dtype, dataset_path=checked.dataset.path,
+        dataset_fingerprint=dataset_fingerprint(checked.dataset), dataset=asdict(checked.dataset),
+        eval_fraction=params.dataset.eval_fraction,
+        max_seq_len=params.training.max_seq_len, lora_config=checked.config.to_dict(),
+        training=training_settings(params, checked), launch=launch_settings(params), output_dir=str(output_dir),
+        safe_serialization=params.save.safe_serialization, save_embedding_layers=params.save.save_embedding_layers,
+        convert_pissa_to_lora=is_pissa(params.adapter.init) and params.save.convert_pissa_to_lora,
+        atol=params.verify.atol or (1e-4 if params.base_model.dtype == "float32" else 5e-2),
+        require_runtimes=list(params.verify.require_runtimes),
+        parameters=params.model_dump(mode="json"),
+    )
+
+
+def check_rerun(params: SaveAdapterParameters, checked) -> None:
+    """For `adapterflow run` before it starts a server: a named run that has trained is only rerun with the same
+    training settings (prepare-run checks it again in the flow).
+
+    Raises:
+        ParameterError: see _refuse_changed_rerun.
+    """
+    if params.run_name:
+        run = RunDir(local_path(params.runs_root) / params.run_name)
+        record = redact(build_plan(params, checked, run, checked.output_dir or run.root / "adapter")
+                        .model_dump(mode="json"))
+        _refuse_changed_rerun(run, record, params.run_name)
+
+
 _RESUMABLE_CHANGES = {"training.device", "training.checkpoint_every", "training.keep_checkpoints",
                       "training.log_every", "training.eval_every", "training.gradient_checkpointing",
                       "training.precision"}

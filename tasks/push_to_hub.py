@@ -27,13 +27,17 @@ from adapterflow.tasks.run_plan import RunPlan
 
 @task(name="push-to-hub", **RETRY_OPTIONS, **RESULT_OPTIONS)
 def push_to_hub(plan: RunPlan, settings: HubSettings, mlflow_settings: MlflowSettings, saved: dict,
-                tracked: dict | None, flow_run_id: str, exported: dict | None = None):
+                tracked: dict | None, flow_run_id: str, exported: dict | None = None, skip_reason: str | None = None):
     """Returns {"repo_id", "commit_url", "commit_oid", "created_commit"} (without hub.repo_id: none of them) plus,
     with hub.push_merged, "merged": the same four for the merged model; pushing identical files again makes no
-    new commit and returns the existing one. {} (a "Skipped" state) when there is nothing to push."""
+    new commit and returns the existing one. {} (a "Skipped" state) when there is nothing to push, or with
+    `skip_reason` (the promotion gate did not promote, flows/parameters_promote.hub_push_allowed): then neither
+    the adapter nor the merged model is pushed."""
     install_log_redaction()
     if not settings.repo_id and not settings.push_merged:
         return Completed(name="Skipped", message="Skipped: no hub.repo_id given", data={})
+    if skip_reason:
+        return Completed(name="Skipped", message=skip_reason, data={})
     token = _token(settings)
     source = f"Prefect flow run {flow_run_id}" + (f", MLflow run {tracked['run_id']}" if tracked else "")
     pushed = _push_adapter(plan, settings, mlflow_settings, saved, tracked, token, source) if settings.repo_id else {}

@@ -106,6 +106,8 @@ def check_run(params: SaveAdapterParameters) -> CheckedRun:
         dataset = _check(problems, "dataset.path", lambda: replace(dataset, revision=hub_commit(dataset.path,
                                                                                                 dataset.revision)))
     examples = _check(problems, "dataset.path", lambda: load_examples(dataset)) if dataset else None
+    if dataset is not None and params.evaluate.dataset:
+        _check(problems, "evaluate.dataset", lambda: load_examples(evaluation_spec(params.evaluate, dataset)))
     # Adapters name their base as others can find it: a Hub id stays a Hub id, a local base is its folder.
     is_hub_id = base_path is not None and is_hub_model_id(params.base_model.name_or_path)
     config = _check(problems, "adapter", lambda: params.adapter.lora_config(base_name if is_hub_id else str(base_path)))
@@ -152,6 +154,17 @@ def data_spec(params: SaveAdapterParameters) -> DataSpec:
         path = str(local_path(path))
     fields = settings.model_dump(exclude={"eval_fraction"})
     return DataSpec(**{**fields, "path": path, "chat_template": resolve_chat_template(settings.chat_template)})
+
+
+def evaluation_spec(settings, spec: DataSpec) -> Optional[DataSpec]:
+    """evaluate.dataset (an EvaluateSettings) as a DataSpec: its path resolved as dataset.path's is, its split,
+    the training dataset's column names and chat template; None without evaluate.dataset."""
+    path = settings.dataset
+    if not path:
+        return None
+    if not (path.startswith(BUILTIN_PREFIX) or is_hub_dataset_id(path)):
+        path = str(local_path(path))
+    return replace(spec, path=path, split=settings.split, revision=None)
 
 
 def training_settings(params: SaveAdapterParameters, checked: CheckedRun) -> dict:

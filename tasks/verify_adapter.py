@@ -3,7 +3,7 @@ serving preflight (`adapterflow.serving`) says where the files will serve."""
 
 from __future__ import annotations
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from adapterflow.runtime.base_models import load_base_model
@@ -47,6 +47,7 @@ def verify_adapter_task(plan: RunPlan, saved: dict) -> dict:
         return {**report.to_dict(), "serving": {"error": str(exc)}}
     failing = [rt for rt in plan.require_runtimes if not serving.passed(rt)]
     _report_artifact(report, serving, failing)
+    _warn_unservable(serving, saved["adapter_dir"], exclude=failing)
     if failing:
         details = "; ".join(f"{r.runtime} {r.rule}: {r.message}" for rt in failing for r in serving.rules(rt)
                             if r.verdict == "fail")
@@ -54,6 +55,16 @@ def verify_adapter_task(plan: RunPlan, saved: dict) -> dict:
                                 f"{', '.join(failing)} ({details}). Fix the adapter as said, or drop the runtime "
                                 f"from verify.require_runtimes.", report)
     return {**report.to_dict(), "serving": serving.to_dict()}
+
+
+def _warn_unservable(serving: ServingReport, adapter_dir: str, exclude: list[str]) -> None:
+    """One WARNING line per runtime the adapter fails (those in `exclude` fail the task with their own message)."""
+    logger = get_run_logger()
+    for runtime in serving.runtimes:
+        if runtime not in exclude and not serving.passed(runtime):
+            logger.warning("The adapter will not serve in %s: it fails %s. `adapterflow check %s` says why and how "
+                           "to fix it; verify.require_runtimes=[%r] makes this fail the run.", runtime,
+                           ", ".join(serving.failed_rules(runtime)), adapter_dir, runtime)
 
 
 def _report_artifact(report: VerificationReport, serving: ServingReport | None = None, failing: list[str] = (),

@@ -78,7 +78,7 @@ def log_adapter_run(settings, *, runs_root: str | os.PathLike, run_dir: str | os
     params = redact(mlflow_run.run_params(plan))
     tags = redact(mlflow_describe.run_tags(plan, flow_run_id, flow_run_url, training, verification,
                                            mlflow_describe.saved_rank(adapter_dir), flow_run_name))
-    name = settings.registered_model_name or _derived_model_name(plan)  # both valid: flows/names.py
+    name = registered_model_name(settings, plan)  # both valid: flows/names.py
     model_name = logged_model_name(name, flow_run_name, flow_run_id)
     run_name = redact(mlflow_describe.run_name(plan, flow_run_name))
     records = {"parameters.json": plan.get("parameters", {}), "run/plan.json": plan, "run/training.json": training,
@@ -185,6 +185,11 @@ def _loss_history(training: dict) -> list[tuple]:
     return [("loss", loss, step, now) for step, loss in enumerate(training.get("losses") or [], 1)]
 
 
+def registered_model_name(settings, plan: dict) -> str:
+    """The registered model a run's version goes to: mlflow.registered_model_name, else derived from the plan."""
+    return settings.registered_model_name or _derived_model_name(plan)
+
+
 def _derived_model_name(plan: dict) -> str:
     # The base model as the user named it ("builtin:tiny-llama" -> "default-tiny-llama"), not its cache folder.
     given = plan.get("parameters", {}).get("base_model", {}).get("name_or_path") or plan["base_model_path"]
@@ -192,5 +197,6 @@ def _derived_model_name(plan: dict) -> str:
 
 
 __all__ = ["FLOW_RUN_TAG", "HUB_COMMIT_TAG", "MODEL_URI_TAG", "MlflowRefusedError", "MlflowTrackingError",
-           "MlflowUnavailableError", "end_run", "is_transient_mlflow_error", "log_adapter_run", "resolve_tracking_uri",
+           "MlflowUnavailableError", "end_run", "is_transient_mlflow_error", "log_adapter_run", "registered_model_name",
+           "resolve_tracking_uri",
            "set_hub_commit_tag", "start_live_run"]

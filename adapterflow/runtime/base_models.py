@@ -90,11 +90,21 @@ def _download(repo_id: str) -> Path:
                                       allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
     except Exception as exc:  # noqa: BLE001 - any failure means: not available here
         reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-        raise FileNotFoundError(
+        raise FileNotFoundError(_local_folder_hint(repo_id) +
             f"Base model {repo_id!r} is not a local folder and could not be downloaded from the Hub ({reason}). "
             f"Without access to the Hub, download it elsewhere (e.g. `hf download {repo_id} --local-dir "
             f"models/{repo_id.split('/')[-1]}`) and pass the local folder, or use {BUILTIN_PREFIX}tiny-llama."
         ) from None
+
+
+def _local_folder_hint(repo_id: str) -> str:
+    """When `namespace/` is a folder here, the user probably meant a folder in it: name what it holds."""
+    namespace = Path(repo_id.split("/")[0])
+    if not namespace.is_dir():
+        return ""
+    folders = sorted(p.name for p in namespace.iterdir() if p.is_dir())[:5]
+    return (f"No folder {repo_id} here ({namespace}/ holds: {', '.join(folders) or 'no folders'}); if you meant a "
+            f"local model, pass its folder. ")
 
 
 def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:

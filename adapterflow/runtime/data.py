@@ -135,6 +135,11 @@ def _messages(value, parameter: str, column: str, table: Table, index: int) -> t
     if not ok:
         raise DatasetError(f"Dataset {table.name}, {table.where(index)}: column {column!r} ({parameter}) must be a "
                            f'non-empty list of {{"role": str, "content": str}} messages.')
+    if not any(m["role"] == "assistant" for m in value):  # nothing to learn from: most likely a misspelt role
+        roles = ", ".join(dict.fromkeys(repr(m["role"]) for m in value))
+        raise DatasetError(f"Dataset {table.name}, {table.where(index)}: the conversation in column {column!r} has "
+                           f"no 'assistant' message (roles: {roles}); the loss is on the assistant's turns, so "
+                           f"every conversation needs one: check the role names.")
     return tuple((m["role"], m["content"]) for m in value)
 
 

@@ -135,7 +135,9 @@ def test_a_module_path_the_base_lacks_is_the_silent_no_op(base_dir, tmp_path):
     for runtime in RUNTIMES:
         assert report.failed_rules(runtime) == ["module_paths"], runtime
     message = report.rules("vllm")[-2].message
-    assert "layers.0.self_attn.q_proj (no layers.0.self_attn.q_proj.weight in the base" in message, message
+    assert "8 tensor(s) do not fit" in message, message
+    assert "layers.0.self_attn.q_proj.lora_A/lora_B (no layers.0.self_attn.q_proj.weight in the base" in message
+    assert message.count("q_proj.lora_A") == 1 and message.count("(no layers.0.self_attn.q_proj.weight") == 1
     assert "it has model.layers.0.self_attn.q_proj" in message and "vllm#34186" in message
 
 
@@ -217,3 +219,80 @@ def test_check_config_runs_only_the_rules_a_config_can_decide():
     assert {r.rule for r in report.rules("llama.cpp")} >= {"use_rslora", "alpha_pattern", "bias"}
     refused = check_config({**config, "bias": "all", "use_rslora": True}, ("vllm", "llama.cpp"))
     assert refused.failed_rules("vllm") == ["bias"] and refused.failed_rules("llama.cpp") == ["bias", "use_rslora"]
+
+
+def edit_config(path: Path, **changes) -> Path:
+    config = json.loads((path / "adapter_config.json").read_text())
+    (path / "adapter_config.json").write_text(json.dumps({**config, **changes}))
+    return path
+
+
+@pytest.mark.parametrize("write", [write_ours, write_peft], ids=["ours", "peft"])
+def test_a_base_layer_copy_is_named_as_skipped_not_counted_as_lora(base_dir, tmp_path, write):
+    """save_embedding_layers=True with lm_head targeted writes lm_head.base_layer.weight (a full copy, 128 x 32
+    fp32 = 16 KiB): vLLM and llama.cpp skip such keys, so it passes, and the message says exactly that."""
+    path = write(base_dir, tmp_path / "a", dict(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"]),
+                 dict(save_embedding_layers=True))
+    report = check_serving(path, base=base_dir)
+    assert report.passed(), [r for r in report.results if r.verdict != "pass"]
+    messages = {r.runtime: r.message for r in report.results if r.rule == "weight_keys"}
+    assert messages == {rt: f"6 LoRA A/B tensors; 1 base_layer key skipped by {label} (lm_head.base_layer.weight, "
+                            f"16 KiB not needed for serving)" for rt, label in (("vllm", "vLLM"), ("llama.cpp", "llama.cpp"))}
+    module_paths = {r.message for r in report.results if r.rule == "module_paths"}
+    assert module_paths == {f"every module path of the 6 tensors exists in {base_dir}"}
+
+
+def test_a_config_rank_the_tensors_disagree_with_fails_everywhere(base_dir, tmp_path):
+    path = edit_config(write_ours(base_dir, tmp_path / "r", dict(r=4, lora_alpha=8, target_modules=QV), {}), r=8)
+    with pytest.raises(RuntimeError, match="size mismatch"):  # the oracle: PEFT refuses it
+        peft.PeftModel.from_pretrained(load_llama(base_dir), str(path))
+    report = check_serving(path, base=base_dir)
+    for runtime in RUNTIMES:
+        assert report.failed_rules(runtime) == ["lora_rank"], runtime
+    rank = {r.runtime: r.message for r in report.results if r.rule == "lora_rank"}
+    assert "4 module(s)" in rank["vllm"] and "model.layers.0.self_attn.q_proj (config rank 8 from r, tensor rank 4)" \
+        in rank["vllm"] and "vLLM scales by lora_alpha / r with the config's r" in rank["vllm"], rank["vllm"]
+    assert "llama.cpp takes the rank from the tensor shape" in rank["llama.cpp"]
+    assert "PEFT builds each module with the config's rank" in rank["peft"]
+
+    pattern = edit_config(write_ours(base_dir, tmp_path / "p", dict(r=4, lora_alpha=8, target_modules=QV), {}),
+                          rank_pattern={"v_proj": 2})
+    message = {r.rule: r.message for r in check_serving(pattern, runtimes=("peft",)).results}["lora_rank"]
+    assert "model.layers.0.self_attn.v_proj (config rank 2 from rank_pattern['v_proj'], tensor rank 4)" in message
+    assert "q_proj" not in message.split(";")[0], message
+
+    chained = write_ours(base_dir, tmp_path / "ab", dict(r=4, lora_alpha=8, target_modules=QV), {})
+    state = load_file(chained / "adapter_model.safetensors")
+    key = "base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight"
+    state[key] = state[key][:, :2].contiguous()
+    save_file(state, chained / "adapter_model.safetensors", metadata={"format": "pt"})
+    report = check_serving(chained, runtimes=("vllm", "llama.cpp"))
+    assert report.failed_rules("vllm") == ["lora_rank"] == report.failed_rules("llama.cpp")
+    assert "1 module(s)" in report.rules("vllm")[9].message
+    assert "model.layers.1.self_attn.q_proj (lora_A rank 4, lora_B rank 2)" in report.rules("vllm")[9].message
+
+
+def test_a_target_module_the_base_lacks_is_a_warning_naming_it(base_dir, tied_base_dir, tmp_path):
+    path = edit_config(write_ours(base_dir, tmp_path / "a", dict(r=4, lora_alpha=8, target_modules=QV), {}),
+                       target_modules=["q_proj", "v_prj"])
+    peft.PeftModel.from_pretrained(load_llama(base_dir), str(path))  # the oracle: PEFT loads the rest, no error
+    report = check_serving(path, base=base_dir)
+    assert report.passed()
+    found = {r.runtime: r for r in report.results if r.rule == "target_modules"}
+    assert {r.verdict for r in found.values()} == {"warn"} and set(found) == set(RUNTIMES)
+    assert "target_modules ['v_prj'] match no module of" in found["peft"].message
+    assert "did you mean 'v_proj'?" in found["peft"].message, found["peft"].message
+    assert {r.verdict for r in check_serving(path).results if r.rule == "target_modules"} == {"pass"}  # no base
+    tied = write_ours(base_dir, tmp_path / "t", dict(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"]),
+                      dict(save_embedding_layers=False))
+    tied_report = check_serving(tied, base=tied_base_dir, runtimes=("peft",))
+    assert {r.rule: r.verdict for r in tied_report.results}["target_modules"] == "pass"  # no lm_head.weight stored
+
+
+def test_without_a_base_the_module_path_warning_is_the_runtimes_own(base_dir, tmp_path):
+    path = write_ours(base_dir, tmp_path / "a", dict(r=4, lora_alpha=8, target_modules=QV), {})
+    found = {r.runtime: r for r in check_serving(path).results if r.rule == "module_paths"}
+    assert {r.verdict for r in found.values()} == {"warn"}
+    assert "vLLM serve the base model silently, vllm#34186" in found["vllm"].message
+    assert "Can not map tensor" in found["llama.cpp"].message and "vLLM" not in found["llama.cpp"].message
+    assert "informational for PEFT" in found["peft"].message and "vLLM" not in found["peft"].message

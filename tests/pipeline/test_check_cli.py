@@ -72,6 +72,12 @@ USAGE_CASES = [
     (["{ok}", "--base", ""], ["--base is empty"]),
     (["{ok}", "--base", "{empty}"], ["is not a model folder: it has no config.json"]),
     (["{empty}"], ["has no adapter_config.json"]),
+    (["{ok}/adapter_config.json"], ["is a file, and an adapter is a folder", "pass that folder (this one is in "]),
+    (["data.jsonl"], ["ADAPTER_DIR data.jsonl: is a file, and an adapter is a folder"]),
+    (["run"], ["ADAPTER_DIR run: has no adapter_config.json, but run/adapter does: pass `adapterflow check "
+               "run/adapter`"]),
+    (["{ok}", "--base", "models/nope"], ["--base models/nope: no such folder"]),
+    (["{ok}", "--base", "./nope"], ["--base ./nope: no such folder"]),
     (["{broken}"], ["adapter_config.json is not readable JSON"]),
 ]
 
@@ -81,6 +87,10 @@ def test_usage_errors_exit_2_with_one_line(capfd, adapters, tmp_path, monkeypatc
     (tmp_path / "empty").mkdir()
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "adapter_config.json").write_text('{"r": 8,')
+    (tmp_path / "data.jsonl").write_text('{"text": "a"}\n')
+    (tmp_path / "models").mkdir()
+    (tmp_path / "run" / "adapter").mkdir(parents=True)
+    (tmp_path / "run" / "adapter" / "adapter_config.json").write_text("{}")
     monkeypatch.chdir(tmp_path)
     names = {"ok": adapters["ok"], "empty": tmp_path / "empty", "broken": tmp_path / "broken"}
     code, out, err = check(capfd, *(a.format(**names) for a in arguments))
@@ -115,3 +125,23 @@ def test_a_hub_base_is_read_from_its_headers(capfd, adapters, base_dir, tmp_path
         code, out, err = check(capfd, adapters["ok"], "--base", "tester/missing")
     assert code == 2 and "--base tester/missing: could not read it from the Hub" in err, err
     assert any(p.endswith("/config.json") for p in downloads)
+
+
+@pytest.mark.parametrize("name, verdict", [("ok", 0), ("mts", 1)])
+def test_a_reader_that_closes_the_pipe_early(adapters, name, verdict):
+    """`adapterflow check ... | head -3`: no BrokenPipeError traceback, and the exit status is still the verdict's.
+    First with the pipe's read end closed before the command writes (always EPIPE), then as head does it."""
+    import os
+
+    command = [sys.executable, "-m", "adapterflow.flows.cli", "check", str(adapters[name])]
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    closed = subprocess.run(command, stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=120)
+    os.close(write_end)
+    assert (closed.returncode, closed.stderr) == (verdict, ""), closed.stderr
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as head:
+        lines = [head.stdout.readline() for _ in range(3)]
+        head.stdout.close()
+        stderr = head.stderr.read()
+        assert head.wait(timeout=120) == verdict and stderr == "", stderr
+    assert lines[0].startswith("adapter: ")

@@ -23,6 +23,8 @@ FILES = {
     "broken.jsonl": '{"text": "ok"}\n{"text": \n',
     "nofields.jsonl": '{"text": "ok"}\n{"other": 1}\n',
     "empty.jsonl": "",
+    "role.jsonl": '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}\n'
+                  '{"messages": [{"role": "user", "content": "hi"}, {"role": "assitant", "content": "hello"}]}\n',
     "data.xml": "<rows/>\n",
     "cols.csv": "body\nhello\n",
     "typed.jsonl": '{"text": "ok"}\n{"text": 5}\n',
@@ -133,6 +135,30 @@ CASES = [
     (["--set", "verify.require_runtimes=[llama.cpp]", "--set", "adapter.use_rslora=true"],
      ["llama.cpp use_rslora: use_rslora: llama.cpp will scale by alpha/r, off by sqrt(r)"]),
     (["--set", "verify.require_runtimes=[tgi]"], ["verify.require_runtimes", "'vllm', 'llama.cpp' or 'peft'"]),
+    (["--set", "mlflow.enabled=false", "--set", "promote.enabled=true"],
+     ["promote.enabled=true needs mlflow.enabled=true", "promote.enabled=false"]),
+    (["--set", "mlflow.alias=champion"], ["mlflow.alias='champion'", "promote.alias='champion'", "e.g. candidate"]),
+    (["--set", "mlflow.alias=previous"], ["mlflow.alias='previous'", "former holder"]),
+    (["--set", "promote.metric=exact_match"], ["promote.metric=exact_match needs evaluate.exact_match=true"]),
+    (["--set", "promote.metric=accuracy"], ["promote.metric", "'eval_loss', 'perplexity' or 'exact_match'"]),
+    (["--set", "promote.alias=previous"], ["promote.alias", "the alias the former holder gets"]),
+    (["--set", "promote.alias=v2"], ["promote.alias", "reserves the alias 'latest' and version aliases"]),
+    (["--set", "promote.min_improvement=-0.1"], ["promote.min_improvement", "greater than or equal to 0"]),
+    (["--set", "promote.approval_timeout_minutes=0"], ["promote.approval_timeout_minutes", "greater than 0"]),
+    (["--set", "promote.aliass=gold"], ["promote.aliass", "unknown parameter", "did you mean promote.alias"]),
+    (["--set", "evaluate.max_new_tokens=0"], ["evaluate.max_new_tokens", "greater than or equal to 1"]),
+    (["--set", "evaluate.dataset=missing.jsonl"], ["evaluate.dataset", "missing.jsonl", "not found"]),
+    (["--set", "evaluate.dataset=data.jsonl", "--set", "evaluate.split=test"],
+     ["evaluate.dataset", "data.jsonl has no split 'test'"]),
+    (["--set", "hub.push_when_not_promoted=maybe"], ["hub.push_when_not_promoted", "valid boolean"]),
+    (["--set", "mlflow.tracking_uri=htp://localhost:5000"],
+     ["mlflow.tracking_uri='htp://localhost:5000'", "no tracking store for the scheme 'htp'", "http(s)://host:port"]),
+    (["--set", "mlflow.tracking_uri=s3://bucket/mlruns"], ["scheme 's3'", "mlflow.enabled=false"]),
+    (["--set", "mlflow.experiment="], ["mlflow.experiment (--set mlflow.experiment=): needs a value", "leave the key out"]),
+    (["--set", "run_name=a/b"], ["'a/b' is not a plain name", "e.g. 'qwen-chat-1'"]),
+    (["--set", "dataset.path=role.jsonl"], ["role.jsonl, line 2", "no 'assistant' message", "'assitant'"]),
+    (["--set", "trainig.steps=5"], ["trainig (--set trainig.steps=5): unknown parameter", "did you mean training"]),
+    (["--set", "base_model.name_or_path=sub/Qwen2.5-0.5B"], ["No folder sub/Qwen2.5-0.5B here"]),
 ]
 
 
@@ -180,6 +206,24 @@ def test_bad_name_is_one_clear_message(user_folder, capfd, overrides, fragment):
     err = capfd.readouterr().err
     assert exit_info.value.code == 2 and fragment in err and "Traceback" not in err, err
     assert "Beginning flow run" not in err and snapshot(user_folder) == before
+
+
+def test_a_tracking_uri_from_the_environment_is_checked_too(user_folder, capfd, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "htps://bob:pw-123456@mlflow.example")
+    before = snapshot(user_folder)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["run", "--set", "training.steps=1"])
+    err = capfd.readouterr().err
+    assert exit_info.value.code == 2 and "$MLFLOW_TRACKING_URI=" in err and "scheme 'htps'" in err, err
+    assert "pw-123456" not in err and snapshot(user_folder) == before
+
+
+def test_the_tracking_uri_schemes_are_mlflows():
+    from mlflow.tracking._tracking_service.utils import _tracking_store_registry
+
+    from adapterflow.tasks.parameter_checks import MLFLOW_URI_SCHEMES
+
+    assert sorted(MLFLOW_URI_SCHEMES) == sorted(_tracking_store_registry._registry)
 
 
 def test_a_base_model_url_is_refused_without_its_password(user_folder, capfd):

@@ -11,11 +11,11 @@ from safetensors.torch import load_file
 
 import peft
 from adapterflow.runtime.base_models import load_base_model
-from flow_helpers import artifacts, run_flow, task_runs
+from flow_helpers import artifacts, flow_logs, run_flow, task_runs
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 STEPS = ("prepare-run", "train-adapter", "extract-adapter", "convert-pissa-to-lora", "save-adapter", "verify-adapter",
-         "export-merged", "log-to-mlflow", "push-to-hub")
+         "export-merged", "evaluate-adapter", "log-to-mlflow", "promote-adapter", "push-to-hub")
 
 
 def test_pissa_run_trains_converts_saves_and_verifies(tmp_path):
@@ -36,7 +36,7 @@ def test_pissa_run_trains_converts_saves_and_verifies(tmp_path):
 
     runs = task_runs(state)
     assert set(runs) == set(STEPS)
-    optional = {"export-merged", "log-to-mlflow", "push-to-hub"}  # off here: no export.merged, mlflow.enabled=false, no hub.repo_id
+    optional = {"export-merged", "log-to-mlflow", "promote-adapter", "push-to-hub"}  # off: no export.merged, mlflow.enabled=false, no hub.repo_id
     assert all(run.state.name == "Completed" for name, run in runs.items() if name not in optional)
     assert all(runs[name].state.name == "Skipped" for name in optional)
 
@@ -69,13 +69,25 @@ def test_pissa_run_trains_converts_saves_and_verifies(tmp_path):
     torch.testing.assert_close(logits, probe["logits"], atol=1e-4, rtol=0)
 
 
-def test_lora_run_skips_the_conversion_visibly(tmp_path):
-    state = run_flow(tmp_path / "runs", adapter={"init": "lora"}, save={"safe_serialization": False})
+def test_lora_run_skips_the_conversion_visibly_and_warns_of_runtimes_it_fails(tmp_path, capsys):
+    """Also: save_embedding_layers=true (full embedding copies vLLM and llama.cpp refuse) without
+    verify.require_runtimes completes, with one warning per failing runtime and a `serving:` summary line."""
+    from adapterflow.flows.cli import _print_summary
+
+    state = run_flow(tmp_path / "runs", adapter={"init": "lora"},
+                     save={"safe_serialization": False, "save_embedding_layers": True})
     assert state.is_completed(), state.message
     convert = task_runs(state, "convert-pissa-to-lora")["convert-pissa-to-lora"]
     assert convert.state.name == "Skipped" and "not a PiSSA adapter" in convert.state.message
     adapter_dir = Path(state.result()["adapter_dir"])
     assert (adapter_dir / "adapter_model.bin").is_file() and not state.result()["converted"]
+    warnings = [m for m in flow_logs(state, lambda ms: sum("will not serve" in m for m in ms) >= 2)
+                if "will not serve" in m]
+    assert warnings == [f"The adapter will not serve in {rt}: it fails weight_keys. `adapterflow check "
+                        f"{adapter_dir}` says why and how to fix it; verify.require_runtimes=['{rt}'] makes this "
+                        f"fail the run." for rt in ("vllm", "llama.cpp")], warnings
+    _print_summary(state.result())
+    assert "serving:         vLLM fails weight_keys, llama.cpp fails weight_keys, PEFT ok\n" in capsys.readouterr().out
 
 
 def test_a_required_runtime_that_refuses_the_adapter_fails_verify_before_mlflow(tmp_path):

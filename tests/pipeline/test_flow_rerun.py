@@ -5,7 +5,10 @@ import json
 
 import pytest
 
-from flow_helpers import run_flow, task_runs
+from flow_helpers import parameters as parameters_for, run_flow, task_runs
+
+from adapterflow.tasks.prepare_run import check_rerun
+from adapterflow.tasks.run_plan import ParameterError, check_run
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
@@ -25,6 +28,15 @@ def test_a_rerun_with_other_training_settings_is_refused_and_writes_nothing(tmp_
     assert task_runs(changed, "prepare-run")["prepare-run"].run_count == 1  # a user error: not retried
     assert (runs / "same" / "plan.json").read_bytes() == plan
     assert sorted(p.name for p in (runs / "same" / "checkpoints").iterdir()) == checkpoints
+
+    # `adapterflow run` refuses it before it starts a server: exit 2, the same message, nothing started
+    parameters = parameters_for(runs, run_name="same", adapter={"init": "lora", "r": 2}, training={"steps": 6})
+    with pytest.raises(ParameterError) as refused:
+        check_rerun(parameters, check_run(parameters))
+    assert "run_name='same' has already trained" in str(refused.value) and "lora_config.r: 4 -> 2" in str(refused.value)
+    same = parameters_for(runs, run_name="same", adapter={"init": "lora"}, training={"keep_checkpoints": 3})
+    check_rerun(same, check_run(same))  # a resumable change passes
+    assert (runs / "same" / "plan.json").read_bytes() == plan
 
     # where and how it runs may change: the rerun resumes (here: finds the training done) and completes
     again = run_flow(runs, run_name="same", adapter={"init": "lora"}, training={"keep_checkpoints": 3})

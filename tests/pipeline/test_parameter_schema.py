@@ -17,6 +17,7 @@ import re
 import shutil
 import subprocess
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -104,3 +105,18 @@ def test_the_deployment_form_shows_every_help_text(prefect_api):
     missing = {where: help_text for where, help_text in descriptions(schema).items()
                if where.startswith("definitions.") and normalized(help_text) not in text}
     assert missing == {}
+
+
+def test_the_nightly_deployment_runs_behind_the_promotion_gate():
+    import yaml
+
+    from adapterflow.flows.parameters import SaveAdapterParameters
+    from adapterflow.tasks.parameter_checks import promotion_problems
+
+    declared = yaml.safe_load((Path(__file__).parents[2] / "deployments" / "prefect.yaml").read_text())
+    nightly = next(d for d in declared["deployments"] if d["name"] == "nightly")
+    config = SaveAdapterParameters.model_validate(nightly["parameters"]["config"])
+    assert config.promote.explicitly_enabled() and config.promote.alias == "champion"
+    assert not config.hub.push_when_not_promoted and promotion_problems(config) == []
+    off = SaveAdapterParameters.model_validate({**nightly["parameters"]["config"], "mlflow": {"enabled": False}})
+    assert "promote.enabled=true needs mlflow.enabled=true" in promotion_problems(off)[0]

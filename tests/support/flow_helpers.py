@@ -12,7 +12,7 @@ from adapterflow.flows.parameters import SaveAdapterParameters
 from adapterflow.flows.save_adapter import save_adapter
 
 FLOW_TASKS = {"prepare-run", "train-adapter", "extract-adapter", "convert-pissa-to-lora", "save-adapter",
-              "verify-adapter", "export-merged", "log-to-mlflow", "push-to-hub"}
+              "verify-adapter", "export-merged", "evaluate-adapter", "log-to-mlflow", "promote-adapter", "push-to-hub"}
 TINY_TRAINING = {"steps": 8, "batch_size": 8, "max_seq_len": 32, "checkpoint_every": 4, "warmup_steps": 2}
 
 
