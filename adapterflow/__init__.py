@@ -17,6 +17,7 @@ if _os.path.isfile(_os.path.join(_checkout, "flows", "save_adapter.py")) and _ch
 from adapterflow.config import ConfigError, LoraConfig  # noqa: E402
 from adapterflow.model import AdapterModel, get_adapter_model
 from adapterflow.conversion import ConversionError, convert_pissa_to_lora
+from adapterflow.manifest import ManifestError, verify_manifest
 from adapterflow.save import read_adapter, write_adapters
 from adapterflow.state_dict import AdapterLoadError, get_adapter_state_dict
 from adapterflow.targeting import TargetError
@@ -29,10 +30,12 @@ __all__ = [
     "ConfigError",
     "ConversionError",
     "LoraConfig",
+    "ManifestError",
     "TargetError",
     "convert_pissa_to_lora",
     "get_adapter_model",
     "get_adapter_state_dict",
     "read_adapter",
+    "verify_manifest",
     "write_adapters",
 ]

@@ -17,6 +17,9 @@ WEIGHTS_NAMES = (SAFETENSORS_WEIGHTS_NAME, BIN_WEIGHTS_NAME)  # load order: safe
 PT_WEIGHTS_NAME = "adapter_model.pt"  # vLLM's third choice (vllm/lora/lora_model.py); PEFT never writes it
 CONFIG_NAME = "adapter_config.json"
 MODEL_CARD_NAME = "README.md"
+# adapterflow's integrity manifest (adapterflow.manifest): digests of the files above and the base's fingerprint.
+# PEFT, vLLM and llama.cpp open the files above by name and never list the folder, so they ignore it.
+MANIFEST_NAME = "adapterflow.json"
 SAFETENSORS_METADATA = {"format": "pt"}
 
 # The adapter called "default" lives at the root of a save directory, every other one in a subfolder.

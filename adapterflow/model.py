@@ -20,6 +20,7 @@ from adapterflow.config import LoraConfig
 from adapterflow.init_methods import is_pissa, is_randomized_pissa
 from adapterflow.inject import inject_adapter, replace_module, unwrapped
 from adapterflow.layers import AdapterLayer, LoraLayer
+from adapterflow.loading import adapter_folder, read_verified_adapter
 from adapterflow.save import read_adapter, resolve_conversion_path, save_adapter_model
 from adapterflow.state_dict import (
     AdapterLoadError,
@@ -71,7 +72,7 @@ class AdapterModel(nn.Module):
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id_or_path: str | os.PathLike,
                         adapter_name: str = formats.DEFAULT_ADAPTER_NAME, is_trainable: bool = False,
-                        subfolder: str | None = None) -> "AdapterModel":
+                        subfolder: str | None = None, verify_manifest: bool = True) -> "AdapterModel":
         """Wrap `model` and load a saved adapter (ours or PEFT's) into it.
 
         Args:
@@ -80,14 +81,16 @@ class AdapterModel(nn.Module):
             adapter_name: the name the adapter gets in this model.
             is_trainable: False (default) freezes the adapter and puts the model in eval mode.
             subfolder: a subfolder of model_id_or_path, e.g. the folder of a non-default adapter.
+            verify_manifest: check the files and `model` against the folder's adapterflow.json, when it has one
+                (adapterflow.loading); False skips that.
 
         Raises:
             FileNotFoundError: no adapter at the path.
+            adapterflow.manifest.ManifestError: a file or the base model differs from the manifest (it names which).
             adapterflow.state_dict.AdapterLoadError: keys or shapes of the checkpoint do not fit the model.
             adapterflow.config.ConfigError: the config uses a PEFT feature we do not implement.
         """
-        folder = _adapter_folder(model_id_or_path, subfolder)
-        state, config = read_adapter(folder)
+        state, config = read_verified_adapter(adapter_folder(model_id_or_path, subfolder), model, verify_manifest)
         config.inference_mode = not is_trainable
         adapter_model = cls(model, config, adapter_name, initialize=False)
         try:
@@ -114,7 +117,7 @@ class AdapterModel(nn.Module):
                 never rewrites it; one rewritten by PEFT's conversion says init_lora_weights true and loads as
                 plain LoRA, without the residual).
         """
-        state, config = read_adapter(_adapter_folder(path, None))
+        state, config = read_adapter(adapter_folder(path, None))
         config.inference_mode = False
         adapter_model = cls(model, config, adapter_name, initialize=False)
         try:
@@ -128,11 +131,12 @@ class AdapterModel(nn.Module):
         return adapter_model
 
     def load_adapter(self, model_id_or_path: str | os.PathLike, adapter_name: str, is_trainable: bool = False,
-                     subfolder: str | None = None) -> None:
+                     subfolder: str | None = None, verify_manifest: bool = True) -> None:
         """Load a saved adapter as an additional adapter called `adapter_name` (it does not become active).
 
         The other adapters keep their outputs, trainability and the model its train/eval mode; `is_trainable`
-        makes the loaded adapter's tensors trainable (PEFT 0.21, `PeftModel.load_adapter`).
+        makes the loaded adapter's tensors trainable (PEFT 0.21, `PeftModel.load_adapter`); `verify_manifest`: as
+        in from_pretrained (adapterflow.manifest.ManifestError when the files or this base differ).
 
         Raises:
             ValueError: the name exists. FileNotFoundError: no adapter at the path.
@@ -143,7 +147,7 @@ class AdapterModel(nn.Module):
         """
         if adapter_name in self.peft_config:
             raise ValueError(f"Adapter {adapter_name!r} already exists; delete it first or pick another name.")
-        state, config = read_adapter(_adapter_folder(model_id_or_path, subfolder))
+        state, config = read_verified_adapter(adapter_folder(model_id_or_path, subfolder), self, verify_manifest)
         config.inference_mode = not is_trainable
         self._inject(adapter_name, config, initialize=False)
         try:
@@ -264,7 +268,7 @@ class AdapterModel(nn.Module):
                         save_embedding_layers: SaveEmbeddingLayers = "auto", is_main_process: bool = True,
                         convert_pissa_to_lora: str | os.PathLike | None = None,
                         path_initial_model_for_weight_conversion: str | os.PathLike | None = None,
-                        **kwargs: Any) -> list[Path]:
+                        base_hub_commit: str | None = None, **kwargs: Any) -> list[Path]:
         """Save the adapters (not the base model) in PEFT's format.
 
         Args:
@@ -277,6 +281,8 @@ class AdapterModel(nn.Module):
             convert_pissa_to_lora: deprecated alias of path_initial_model_for_weight_conversion.
             path_initial_model_for_weight_conversion: folder of the PiSSA adapter saved before training; the
                 trained adapter is saved as an equivalent rank-2r LoRA adapter for the original base model.
+            base_hub_commit: the Hub commit of the base model, for the manifest (adapterflow.json); default: the
+                commit of the huggingface_hub snapshot folder the base was loaded from, else none recorded.
 
         Returns:
             The written files.
@@ -290,7 +296,7 @@ class AdapterModel(nn.Module):
             raise TypeError(f"save_pretrained() got unexpected keyword arguments {sorted(kwargs)}.")
         initial_path = resolve_conversion_path(convert_pissa_to_lora, path_initial_model_for_weight_conversion)
         return save_adapter_model(self, save_directory, safe_serialization, selected_adapters,
-                                  save_embedding_layers, is_main_process, initial_path)
+                                  save_embedding_layers, is_main_process, initial_path, base_hub_commit)
 
     def push_to_hub(self, repo_id: str, private: bool | None = None, revision: str | None = None,
                     commit_message: str | None = None, token: str | None = None, safe_serialization: bool = True,
@@ -346,13 +352,3 @@ def get_adapter_model(model: nn.Module, config: LoraConfig,
         TypeError: model is not a torch.nn.Module.
     """
     return AdapterModel(model, config, adapter_name)
-
-
-def _adapter_folder(model_id_or_path: str | os.PathLike, subfolder: str | None) -> Path:
-    folder = Path(model_id_or_path) / (subfolder or "")
-    if not folder.is_dir():
-        raise FileNotFoundError(
-            f"No adapter folder at {folder}. adapterflow loads local folders only; for a Hub repo, download it "
-            f"first (huggingface_hub.snapshot_download(repo_id)) and pass the returned path."
-        )
-    return folder

@@ -21,9 +21,11 @@ import torch
 
 from adapterflow import formats
 from adapterflow.atomic import staged_directory
+from adapterflow.base_fingerprint import base_fingerprint
 from adapterflow.config import LoraConfig
 from adapterflow.init_methods import is_randomized_pissa
 from adapterflow.layers import LoraLinear
+from adapterflow.manifest import FolderManifest, ManifestError, read_manifest
 from adapterflow.model_card import ModelCardInfo, render_model_card
 from adapterflow.conversion import convert_pissa_to_lora
 from adapterflow.serialization import payload_bytes, read_weights, write_weights
@@ -34,17 +36,25 @@ Adapter = tuple[dict[str, torch.Tensor], LoraConfig]
 
 def write_adapters(
     save_directory: str | os.PathLike, adapters: Mapping[str, Adapter], safe_serialization: bool = True,
-    card: ModelCardInfo | None = None,
+    card: ModelCardInfo | None = None, base_model: torch.nn.Module | None = None, base_hub_commit: str | None = None,
 ) -> list[Path]:
-    """Write adapters (name -> (state dict, config)) and the model card into `save_directory`, atomically.
-    `card`: publishing inputs for the model card (adapterflow.model_card); None writes PEFT's card.
+    """Write adapters (name -> (state dict, config)), the model card and the manifests into `save_directory`,
+    atomically. `card`: publishing inputs for the model card (adapterflow.model_card); None writes PEFT's card.
 
     "default" goes to the root, any other adapter to `<save_directory>/<name>/`. Files of the directory that
     are not rewritten stay, except a weights file of the other format in a rewritten adapter folder, which would
-    shadow the new one (loaders read safetensors first).
+    shadow the new one (loaders read safetensors first). Each adapter folder gets an adapterflow.json
+    (adapterflow.manifest) with the digests of its files, hashed as they are written, and the fingerprint of
+    `base_model`; the root's also lists README.md (and, when only other adapters are saved over an old default
+    adapter with a manifest, keeps that adapter's entries).
+
+    Args:
+        base_model: the model the adapters belong to (plain, an AdapterModel, or built on the meta device from
+            the base's config.json); None leaves the manifests' `base` null. base_hub_commit: the Hub commit the
+            base was downloaded at (adapterflow.base_fingerprint.base_fingerprint).
 
     Returns:
-        The paths of the written files, inside `save_directory`.
+        The paths of the written files, inside `save_directory` (the manifests last).
 
     Raises:
         ValueError: an invalid adapter name, or save_directory is a file.
@@ -60,19 +70,41 @@ def write_adapters(
     stale = {formats.adapter_dir(Path(), name) / formats.weights_name(not safe_serialization) for name in adapters}
     card_path = root / formats.MODEL_CARD_NAME
     existing_card = card_path.read_text() if card_path.is_file() else None
-    written = []
+    manifests = {name: FolderManifest(base=None if base_model is None else
+                                      base_fingerprint(base_model, state, base_hub_commit))
+                 for name, (state, _) in adapters.items()}
+    if formats.DEFAULT_ADAPTER_NAME not in adapters and (old := _root_manifest(root)) is not None:
+        manifests[formats.DEFAULT_ADAPTER_NAME] = old  # the old default adapter stays: its entries too
     size = sum(payload_bytes(state) for state, _ in adapters.values())
-    with staged_directory(root, keep=lambda rel: rel not in stale, size_hint=size) as staging:
-        for name, (state, config) in adapters.items():
-            folder = formats.adapter_dir(staging, name)
-            folder.mkdir(parents=True, exist_ok=True)
-            write_weights(folder / weights, state)
-            (folder / formats.CONFIG_NAME).write_text(config.for_saving().to_json_string())
-            written += [formats.adapter_dir(root, name) / n for n in (weights, formats.CONFIG_NAME)]
-        configs = {name: config for name, (_, config) in adapters.items()}
-        (staging / formats.MODEL_CARD_NAME).write_text(render_model_card(configs, existing_card, card))
-        written.append(card_path)
-    return written
+    try:
+        with staged_directory(root, keep=lambda rel: rel not in stale, size_hint=size) as staging:
+            for name, (state, config) in adapters.items():
+                folder = formats.adapter_dir(staging, name)
+                folder.mkdir(parents=True, exist_ok=True)
+                manifests[name].files[weights] = write_weights(folder / weights, state)
+                manifests[name].write_file(folder / formats.CONFIG_NAME, config.for_saving().to_json_string().encode())
+            configs = {name: config for name, (_, config) in adapters.items()}
+            card_bytes = render_model_card(configs, existing_card, card).encode()
+            root_manifest = manifests.get(formats.DEFAULT_ADAPTER_NAME)
+            (staging / formats.MODEL_CARD_NAME).write_bytes(card_bytes)
+            if root_manifest is not None:
+                root_manifest.record(formats.MODEL_CARD_NAME, card_bytes)
+            for name, manifest in manifests.items():
+                (formats.adapter_dir(staging, name) / formats.MANIFEST_NAME).write_bytes(manifest.document())
+    finally:
+        for manifest in manifests.values():
+            manifest.close()
+    written = [formats.adapter_dir(root, name) / n for name in adapters for n in (weights, formats.CONFIG_NAME)]
+    return written + [card_path] + [formats.adapter_dir(root, name) / formats.MANIFEST_NAME for name in manifests]
+
+
+def _root_manifest(root: Path) -> FolderManifest | None:
+    """The manifest of the default adapter already at the root of a save directory, if it has one."""
+    try:
+        document = read_manifest(root) if root.is_dir() else None
+    except ManifestError:
+        return None  # unreadable: the new save does not vouch for files it did not write
+    return None if document is None else FolderManifest.from_document(document)
 
 
 def read_adapter(folder: str | os.PathLike) -> Adapter:
@@ -100,6 +132,7 @@ def save_adapter_model(
     save_embedding_layers: SaveEmbeddingLayers = "auto",
     is_main_process: bool = True,
     path_initial_model_for_weight_conversion: str | os.PathLike | None = None,
+    base_hub_commit: str | None = None,
 ) -> list[Path]:
     """`AdapterModel.save_pretrained` (see there); returns the written files ([] when not the main process)."""
     if os.path.isfile(save_directory):
@@ -125,7 +158,8 @@ def save_adapter_model(
         adapters[name] = (state, config)
     if not is_main_process:
         return []
-    return write_adapters(save_directory, adapters, safe_serialization)
+    return write_adapters(save_directory, adapters, safe_serialization, base_model=model,
+                          base_hub_commit=base_hub_commit)
 
 
 def _base_weights(model, adapter_name: str) -> dict[str, torch.Tensor]:

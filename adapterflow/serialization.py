@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from adapterflow import formats
+from adapterflow.digest import StreamDigest
 
 _SAFETENSORS_DTYPES = {
     torch.float64: "F64",
@@ -55,8 +56,10 @@ def _raw_bytes(tensor: torch.Tensor) -> memoryview:
     return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
 
 
-def write_safetensors(fd: int, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    """Write `tensors` in the safetensors format to an open file descriptor.
+def write_safetensors(fd: int, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None,
+                      digest: StreamDigest | None = None) -> None:
+    """Write `tensors` in the safetensors format to an open file descriptor; `digest` is fed every byte written
+    (the same buffers, in file order), so a manifest needs no second read of the file.
 
     Tensors are laid out by decreasing element size, then name, so every tensor starts aligned to its element
     size (the header is padded to 8 bytes), as the safetensors library does. The header needs only names, dtypes
@@ -81,7 +84,16 @@ def write_safetensors(fd: int, tensors: dict[str, torch.Tensor], metadata: dict[
     header_bytes = json.dumps(header, separators=(",", ":")).encode()
     header_bytes += b" " * (-len(header_bytes) % 8)
     data = (_raw_bytes(tensors[name]) for name in order if tensors[name].numel())
-    _writev_all(fd, itertools.chain([memoryview(struct.pack("<Q", len(header_bytes))), memoryview(header_bytes)], data))
+    buffers = itertools.chain([memoryview(struct.pack("<Q", len(header_bytes))), memoryview(header_bytes)], data)
+    _writev_all(fd, buffers if digest is None else _fed(digest, buffers))
+
+
+def _fed(digest: StreamDigest, buffers: Iterable[memoryview]) -> Iterable[memoryview]:
+    """The buffers, each handed to `digest` just before it is written (its hashing overlaps the write)."""
+    for buffer in buffers:
+        buffer = buffer.cast("B")
+        digest.update(buffer)
+        yield buffer
 
 
 def _writev_all(fd: int, buffers: Iterable[memoryview]) -> None:
@@ -137,9 +149,10 @@ def _load_sync_file_range():
 _sync_file_range = _load_sync_file_range()
 
 
-def write_bin(fd: int, tensors: dict[str, torch.Tensor]) -> None:
+def write_bin(fd: int, tensors: dict[str, torch.Tensor], digest: StreamDigest | None = None) -> None:
     """torch.save the tensors; each gets its own compact storage, so a view into a large tensor does not drag the
-    whole storage into the file.
+    whole storage into the file. `digest` (not threaded: torch's buffers live only during each write) is fed
+    every byte written.
 
     Raises:
         OSError: the write failed (e.g. ENOSPC), as raised by the OS; torch would turn it into a RuntimeError.
@@ -150,7 +163,7 @@ def write_bin(fd: int, tensors: dict[str, torch.Tensor]) -> None:
         if not tensor.is_contiguous() or tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size():
             tensor = tensor.clone(memory_format=torch.contiguous_format)
         compact[name] = tensor
-    sink = _FdWriter(fd)
+    sink = _FdWriter(fd, digest)
     try:
         torch.save(compact, sink)
     except RuntimeError:
@@ -163,11 +176,13 @@ class _FdWriter:
     """A write-only file object over a descriptor that keeps the OSError of a failed write, which torch.save
     reports only as `RuntimeError: [enforce fail at inline_container.cc]`."""
 
-    def __init__(self, fd: int) -> None:
-        self.fd, self.error = fd, None
+    def __init__(self, fd: int, digest: StreamDigest | None = None) -> None:
+        self.fd, self.error, self.digest = fd, None, digest
 
     def write(self, data) -> int:
         view = memoryview(data).cast("B")
+        if self.digest is not None:
+            self.digest.update(view)
         try:
             while view:
                 view = view[os.write(self.fd, view) :]
@@ -185,16 +200,26 @@ def payload_bytes(tensors: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-def write_weights(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """Write an adapter's weights to `path` (format from its name); no fsync, the caller makes it durable."""
+def write_weights(path: Path, tensors: dict[str, torch.Tensor]) -> StreamDigest:
+    """Write an adapter's weights to `path` (format from its name); no fsync, the caller makes it durable.
+
+    Returns:
+        The digest of the bytes written; its hashing may still be finishing in a helper thread: call `.result()`.
+    """
+    bin_file = path.name == formats.BIN_WEIGHTS_NAME
+    digest = StreamDigest(threaded=not bin_file)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        if path.name == formats.BIN_WEIGHTS_NAME:
-            write_bin(fd, tensors)
+        if bin_file:
+            write_bin(fd, tensors, digest)
         else:
-            write_safetensors(fd, tensors, formats.SAFETENSORS_METADATA)
+            write_safetensors(fd, tensors, formats.SAFETENSORS_METADATA, digest)
+    except BaseException:
+        digest.close()
+        raise
     finally:
         os.close(fd)
+    return digest
 
 
 def find_weights_file(folder: str | os.PathLike) -> Path:

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import hashlib
+import json
+from pathlib import Path
 
 from prefect import task
 from prefect.artifacts import create_table_artifact
 
 from adapterflow import formats, write_adapters
+from adapterflow.base_fingerprint import snapshot_commit
+from adapterflow.runtime.base_models import meta_base_model
 from adapterflow.runtime.run_dir import final_adapter
 from adapterflow.tasks.model_card_inputs import card_info
 from adapterflow.tasks.retries import RESULT_OPTIONS, RETRY_OPTIONS
@@ -24,9 +28,21 @@ def save_adapter(plan: RunPlan, source: dict) -> dict:
     """
     state, config = final_adapter(source["path"], source.get("initial"))
     written = write_adapters(plan.output_dir, {plan.adapter_name: (state, config)}, plan.safe_serialization,
-                             card=card_info(plan))  # the README.md is the Hub's card: the push uploads this folder
-    files = [{"name": str(path.relative_to(plan.output_dir)), "bytes": path.stat().st_size,
-              "sha256": hashlib.sha256(path.read_bytes()).hexdigest()} for path in written]
+                             card=card_info(plan),  # the README.md is the Hub's card: the push uploads this folder
+                             base_model=meta_base_model(plan.base_model_path),
+                             base_hub_commit=snapshot_commit(plan.base_model_path))
+    files = [{"name": str(path.relative_to(plan.output_dir)), **_digest(path)} for path in written]
     create_table_artifact(key="saved-files", table=files, description=f"Adapter files in {plan.output_dir}")
     return {"output_dir": plan.output_dir, "adapter_dir": str(formats.adapter_dir(plan.output_dir, plan.adapter_name)),
             "files": files, "converted": source.get("converted", False)}
+
+
+def _digest(path: Path) -> dict:
+    """{"bytes", "sha256"} of a written file, from its folder's manifest (hashed while it was written); the small
+    manifest itself is read back."""
+    if path.name != formats.MANIFEST_NAME:
+        entry = json.loads((path.parent / formats.MANIFEST_NAME).read_bytes())["files"].get(path.name)
+        if entry is not None:
+            return {"bytes": entry["size"], "sha256": entry["sha256"]}
+    data = path.read_bytes()
+    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}

@@ -1,7 +1,8 @@
 """Publish a saved adapter folder to the Hugging Face Hub as it is: one commit, retries, a timeout.
 
 huggingface_hub is imported inside the functions only, so `import adapterflow` stays torch + safetensors. The
-folder's README.md is the card adapterflow.model_card rendered when the adapter was saved; the push adds nothing.
+folder's README.md is the card adapterflow.model_card rendered when the adapter was saved; the push adds nothing,
+and refuses a folder whose files no longer match their manifest (adapterflow.json, adapterflow.manifest).
 Design (huggingface_hub 2.4): uploads take the classic LFS path: one commit per push, never retried blindly (the
 Xet pipeline retries the commit POST and can duplicate it). Each upload names the head it started from
 (parent_commit), so a retry after a lost commit response finds the files there or gets 412 and retries on the new
@@ -25,6 +26,7 @@ from typing import Any, Callable, Sequence
 from adapterflow import formats
 from adapterflow.integrations.hub_errors import (HubPushError, HubPushPermanentError, HubPushTimeout, HubPushTransientError,
                                     classify, hub_error, is_transient_hub_error, retry_after_seconds)
+from adapterflow.manifest import ManifestError, rewrite_file, verify_manifest
 from adapterflow.model_card import build_model_card, read_configs
 from adapterflow.redaction import redact_text, secret_values
 
@@ -68,7 +70,8 @@ def push_adapter_folder(folder: str | os.PathLike, repo_id: str, *, token: str |
 
     Args:
         folder: a saved adapter folder (adapter_config.json at the root or in adapter subfolders), uploaded as it
-            is, hidden files (names starting with ".") left out. repo_id: "namespace/name", or "name" for the token owner's namespace.
+            is, hidden files (names starting with ".") left out; its files must match their adapterflow.json
+            (adapterflow.manifest.verify_manifest) when it has one. repo_id: "namespace/name", or "name" for the token owner's namespace.
         token: a write token (default: HF_TOKEN or the stored login). endpoint: default HF_ENDPOINT or the Hub.
         private: visibility of a repo this call creates. revision: a branch, created from main when missing.
         tag: tag the pushed commit. create_pr: open a pull request against main instead (not with revision).
@@ -85,7 +88,8 @@ def push_adapter_folder(folder: str | os.PathLike, repo_id: str, *, token: str |
 
     Raises:
         HubPushPermanentError: at once for 401 (invalid/missing token), 403 (no write access), 404 (repo or
-            revision not found), other 4xx, an invalid card, a tag at another commit, a folder holding the token.
+            revision not found), other 4xx, an invalid card, a tag at another commit, a folder holding the token,
+            a folder whose files differ from its manifest (the message names each file).
         HubPushTransientError, HubPushTimeout: the last transient error, after max_attempts. All are
             HubPushError (.transient, .status); neither their message nor their chain holds the token.
         FileNotFoundError: the folder is missing or no saved adapter. ValueError: invalid arguments.
@@ -110,6 +114,7 @@ def push_adapter_folder(folder: str | os.PathLike, repo_id: str, *, token: str |
     branch = revision or "main"
     ctx = _Context(repo_id, branch if revision else None, redact_text(api.endpoint), secrets, max_attempts, retry_delay)
     _refuse_folder_with_secret(folder, ctx)
+    _refuse_folder_not_matching_its_manifest(folder, ctx)
     with _PUSH_LOCK:
         _configure_hub_client(timeout)
         ctx.repo_id = ctx.run("create repo", lambda: api.create_repo(repo_id, private=private, exist_ok=True)).repo_id
@@ -144,7 +149,7 @@ def push_adapter_model(model, repo_id: str, private: bool | None = None, revisio
                        selected_adapters: Sequence[str] | None = None, create_pr: bool = False,
                        tags: Sequence[str] | None = None, **kwargs: Any) -> PushResult:
     """AdapterModel.push_to_hub: save_pretrained into a temporary folder, replace its README.md with
-    build_model_card, then push_adapter_folder.
+    build_model_card (and its digest in the folder's manifest), then push_adapter_folder.
 
     Args:
         repo_id, private, revision, commit_message, token, create_pr: see push_adapter_folder.
@@ -160,7 +165,8 @@ def push_adapter_model(model, repo_id: str, private: bool | None = None, revisio
     card = {key: kwargs.pop(key) for key in _CARD_OPTIONS if key in kwargs}
     with tempfile.TemporaryDirectory(prefix="adapterflow-push-") as tmp:
         model.save_pretrained(tmp, safe_serialization=safe_serialization, selected_adapters=selected_adapters)
-        (Path(tmp) / formats.MODEL_CARD_NAME).write_text(build_model_card(tmp, tags=tags, repo_id=repo_id, **card))
+        card_text = build_model_card(tmp, tags=tags, repo_id=repo_id, **card)
+        rewrite_file(tmp, formats.MODEL_CARD_NAME, card_text.encode())  # the manifest then describes this card
         return push_adapter_folder(tmp, repo_id, private=private, revision=revision, commit_message=commit_message,
                                    token=token, create_pr=create_pr, **kwargs)
 
@@ -247,6 +253,19 @@ def _stale_weights(folder: Path) -> list[str] | None:
     names = formats.WEIGHTS_NAMES
     return sorted((p.parent / other).relative_to(folder).as_posix() for name, other in zip(names, names[::-1])
                   for p in folder.rglob(name) if not (p.parent / other).exists()) or None
+
+
+def _refuse_folder_not_matching_its_manifest(folder: Path, ctx: _Context) -> None:
+    """What is pushed must be what was saved (and verified): every file its adapterflow.json lists, unchanged."""
+    try:
+        problems = verify_manifest(folder)
+    except ManifestError as exc:
+        problems = [str(exc)]
+    if problems:
+        raise HubPushPermanentError(
+            "Not pushing: the folder's files no longer match its manifest (adapterflow.json), so it is not the "
+            "adapter that was saved:\n" + "\n".join(f"  - {p}" for p in problems)
+            + "\nSave the adapter again (or restore the files), then push.", repo_id=ctx.repo_id, step="check folder")
 
 
 def _refuse_folder_with_secret(folder: Path, ctx: _Context) -> None:

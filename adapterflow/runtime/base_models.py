@@ -144,6 +144,15 @@ def load_base_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
     return model.eval()
 
 
+def meta_base_model(path: str | os.PathLike) -> PreTrainedModel:
+    """The causal LM of a model folder built on the meta device from its config.json: every module and weight
+    shape, no weights read or allocated (for target matching and the manifest's base fingerprint)."""
+    with torch.device("meta"), no_progress_bars():
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(path)))
+    model.name_or_path = str(path)
+    return model
+
+
 def _builtin_names() -> list[str]:
     return [BUILTIN_PREFIX + name for name in BUILTIN_MODELS]
 

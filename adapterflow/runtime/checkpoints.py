@@ -3,6 +3,7 @@
     <checkpoints>/step-000050/adapter_config.json        the adapter's config        } written by adapterflow's
     <checkpoints>/step-000050/adapter_model.safetensors  its tensors, PEFT's keys    } write_adapters: the folder
     <checkpoints>/step-000050/README.md                  the model card              } loads in from_pretrained
+    <checkpoints>/step-000050/adapterflow.json           the manifest of those three }
     <checkpoints>/step-000050/training_state.pt          optimizer, scheduler, grad scaler, RNG state (torch.save;
                                                          read weights_only)
     <checkpoints>/step-000050/progress.json              step, loss history, tokens, seconds; present = complete
@@ -72,7 +73,7 @@ class Checkpoints:
         if parallel.is_main_process:
             with staged_directory(target) as staging:
                 # 1. the adapter, as write_adapters lays it out (it stages its own folder inside ours)
-                write_adapters(staging, {formats.DEFAULT_ADAPTER_NAME: (state, config)})
+                write_adapters(staging, {formats.DEFAULT_ADAPTER_NAME: (state, config)}, base_model=model)
                 # 2. what only training needs
                 scaler_state = {"scaler": scaler.state_dict()} if scaler is not None else {}
                 torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict(), **scaler_state,

@@ -83,6 +83,7 @@ def test_crash_at_any_point_leaves_old_or_new_content(tmp_path, fallback):
     write_adapters(reference, adapters(2.0))
     new = snapshot(reference)
     assert old != new and "notes.txt" in new and "adapter_model.bin" not in new
+    assert old["adapterflow.json"] != new["adapterflow.json"]  # a crash never pairs a manifest with other files
     crash_at, outcomes = 1, set()
     while True:
         target = tmp_path / f"run{crash_at}" / "adapter"
@@ -202,6 +203,8 @@ def test_failure_at_any_point_of_a_plain_save_changes_nothing(tmp_path, monkeypa
         write_adapters(target, adapters(1.0))
         shutil.copytree(target, reference)
     write_adapters(reference, adapters(2.0))
+    # The manifests are part of the atomic content: a failed save leaves none (new folder) or the old ones.
+    assert {"adapterflow.json", "other/adapterflow.json"} <= set(snapshot(reference))
     run_with_failures(lambda: write_adapters(target, adapters(2.0)), [target], target.parent,
                       lambda: snapshot(target) == snapshot(reference), fallback, monkeypatch)
 

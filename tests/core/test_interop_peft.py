@@ -113,7 +113,8 @@ def test_second_named_adapter_round_trips_both_ways(load_base, input_ids, tmp_pa
 def test_bin_format_round_trips_both_ways(load_base, input_ids, tmp_path):
     model = ours(load_base, **CASES["modules_to_save"])
     model.save_pretrained(tmp_path / "ours", safe_serialization=False)
-    assert sorted(p.name for p in (tmp_path / "ours").iterdir()) == ["README.md", "adapter_config.json", "adapter_model.bin"]
+    assert sorted(p.name for p in (tmp_path / "ours").iterdir()) == ["README.md", "adapter_config.json", "adapter_model.bin",
+                                                                       "adapterflow.json"]
     theirs = load_in_peft(load_base, tmp_path / "ours")
     torch.testing.assert_close(logits(theirs, input_ids), logits(model, input_ids), atol=ATOL, rtol=0)
     theirs.save_pretrained(tmp_path / "peft", safe_serialization=False)

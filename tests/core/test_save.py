@@ -28,7 +28,8 @@ def listing(folder):
 
 def test_files_metadata_and_keys(model, tmp_path):
     written = model.save_pretrained(tmp_path)
-    assert sorted(p.name for p in written) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in written) == ["README.md", "adapter_config.json", "adapter_model.safetensors",
+                                               "adapterflow.json"]
     with safe_open(str(tmp_path / "adapter_model.safetensors"), "pt") as f:
         assert f.metadata() == {"format": "pt"}
         keys = set(f.keys())
@@ -51,10 +52,11 @@ def test_other_adapters_go_to_subfolders_and_selected_adapters_limits_the_save(m
     model.add_adapter("other", LoraConfig(r=2, target_modules=["k_proj"]))
     model.save_pretrained(tmp_path / "all")
     assert listing(tmp_path / "all") == ["README.md", "adapter_config.json", "adapter_model.safetensors",
-                                         "other", "other/adapter_config.json", "other/adapter_model.safetensors"]
+                                         "adapterflow.json", "other", "other/adapter_config.json",
+                                         "other/adapter_model.safetensors", "other/adapterflow.json"]
     model.save_pretrained(tmp_path / "only_other", selected_adapters=["other"])
     assert listing(tmp_path / "only_other") == ["README.md", "other", "other/adapter_config.json",
-                                                "other/adapter_model.safetensors"]
+                                                "other/adapter_model.safetensors", "other/adapterflow.json"]
 
 
 def test_unknown_selected_adapter_is_refused_and_nothing_written(model, tmp_path):
@@ -145,7 +147,7 @@ def test_resave_in_other_format_removes_the_stale_weights_file(model, tmp_path):
     model.save_pretrained(tmp_path, safe_serialization=False)
     model.save_pretrained(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "adapter_config.json",
-                                                         "adapter_model.safetensors", "notes.txt"]
+                                                         "adapter_model.safetensors", "adapterflow.json", "notes.txt"]
     model.save_pretrained(tmp_path, safe_serialization=False)
     assert not (tmp_path / "adapter_model.safetensors").exists() and (tmp_path / "notes.txt").read_text() == "user file"
 

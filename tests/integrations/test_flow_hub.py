@@ -53,7 +53,7 @@ def test_push_with_mlflow_then_idempotent_repush(hub, mlflow_server, tmp_path, m
                 if p.is_file() and not p.relative_to(local).as_posix().startswith((".cache/", ".gitattributes"))}
     saved = {p.relative_to(adapter_dir).as_posix(): p.read_bytes() for p in adapter_dir.rglob("*") if p.is_file()}
     assert received == saved  # the output folder as it is, README.md (the one card) included
-    assert sorted(saved) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(saved) == ["README.md", "adapter_config.json", "adapter_model.safetensors", "adapterflow.json"]
     assert not (Path(summary["run_dir"]) / "hub").exists()  # no second copy
     card = yaml.safe_load((local / "README.md").read_text().split("---")[1])
     assert card["library_name"] == "peft" and card["license"] == "apache-2.0" and "lora" in card["tags"]

@@ -63,7 +63,8 @@ def test_merged_export_and_push(hub, tmp_path, monkeypatch):
     snapshot_download("tester/merged", endpoint=hub.url, token=TOKEN, local_dir=local)
     assert files_of(local) == files_of(folder)
     assert "adapter_config.json" not in files_of(local)  # transformers would load the repo as an adapter
-    assert sorted(files_of(adapter_dir)) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(files_of(adapter_dir)) == ["README.md", "adapter_config.json", "adapter_model.safetensors",
+                                             "adapterflow.json"]
     card = (local / "README.md").read_text()
     meta = yaml.safe_load(card.split("---")[1])
     assert meta["library_name"] == "transformers" and meta["license"] == "apache-2.0" and "merged-lora" in meta["tags"]

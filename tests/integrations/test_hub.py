@@ -23,7 +23,8 @@ from huggingface_hub import ModelCard, constants, hf_hub_download, snapshot_down
 from huggingface_hub.errors import HfHubHTTPError  # noqa: E402
 from huggingface_hub.utils import _http  # noqa: E402
 
-from adapterflow import LoraConfig, get_adapter_model  # noqa: E402
+from adapterflow import AdapterModel, LoraConfig, get_adapter_model  # noqa: E402
+from adapterflow.manifest import verify_manifest  # noqa: E402
 from adapterflow.integrations.hub import (  # noqa: E402
     HubPushError,
     HubPushPermanentError,
@@ -124,6 +125,10 @@ def test_push_round_trip_identical_files_and_logits(model, hub, load_base, input
 
     reloaded = PeftModel.from_pretrained(load_base(), downloaded)
     torch.testing.assert_close(logits(reloaded, input_ids), logits(model, input_ids), rtol=0, atol=0)
+    # The pushed card replaced the saved one: the pushed manifest describes what was pushed.
+    assert verify_manifest(downloaded) == [] and (downloaded / "README.md").read_bytes() != (local / "README.md").read_bytes()
+    ours = AdapterModel.from_pretrained(load_base(), downloaded)  # files and base checked against the manifest
+    torch.testing.assert_close(logits(ours, input_ids), logits(model, input_ids), rtol=0, atol=0)
 
     card = ModelCard.load(downloaded / "README.md")
     assert card.data.library_name == "peft" and card.data.pipeline_tag == "text-generation"
@@ -177,7 +182,8 @@ def test_other_weights_format_replaces_the_stale_file(model, hub):
     push(model, hub, "tester/formats")
     push(model, hub, "tester/formats", safe_serialization=False)
     files = set(hub.commits("tester/formats")[0]["files"])
-    assert files == {".gitattributes", "README.md", "adapter_config.json", "adapter_model.bin"}
+    assert files == {".gitattributes", "README.md", "adapter_config.json", "adapter_model.bin",
+                     "adapterflow.json"}
 
 
 def test_503_on_commit_and_create_repo_are_retried(model, hub, no_client_backoff, caplog):
@@ -357,3 +363,18 @@ def test_a_folder_that_is_no_saved_adapter_is_refused_before_any_request(hub, tm
     with pytest.raises(FileNotFoundError, match="adapter_config.json .*not a saved adapter folder"):
         push_adapter_folder(tmp_path, "tester/not-an-adapter", token=TOKEN, endpoint=hub.url)
     assert hub.requests == []
+
+
+def test_a_folder_whose_files_no_longer_match_its_manifest_is_refused_before_any_request(model, hub, tmp_path):
+    model.save_pretrained(tmp_path / "adapter")
+    weights = tmp_path / "adapter" / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(HubPushPermanentError, match=r"Not pushing: .*manifest(.|\n)*adapter_model.safetensors: sha256 "
+                                                    r"(.|\n)*Save the adapter again") as info:
+        push_adapter_folder(tmp_path / "adapter", "tester/tampered", token=TOKEN, endpoint=hub.url)
+    assert info.value.step == "check folder" and info.value.transient is False
+    assert hub.requests == []
+    model.save_pretrained(tmp_path / "adapter")  # saved again: the push goes through
+    assert push_adapter_folder(tmp_path / "adapter", "tester/tampered", token=TOKEN, endpoint=hub.url).created_commit

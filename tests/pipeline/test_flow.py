@@ -23,7 +23,8 @@ def test_pissa_run_trains_converts_saves_and_verifies(tmp_path):
     assert state.is_completed(), state.message
     summary = state.result()
     adapter_dir = Path(summary["adapter_dir"])
-    assert sorted(p.name for p in adapter_dir.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in adapter_dir.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors",
+                                                             "adapterflow.json"]
     assert summary["converted"] and summary["verification"]["passed"]
     assert summary["eval_loss_after"] < summary["eval_loss_before"]
     config = json.loads((adapter_dir / "adapter_config.json").read_text())

@@ -11,6 +11,7 @@ import pytest
 
 from adapterflow.flows.parameters import HubSettings, MlflowSettings
 from adapterflow.flows.parameters_export import ExportSettings
+from adapterflow.manifest import verify_manifest
 from adapterflow.tasks.convert_pissa_to_lora import convert_pissa_to_lora_task
 from adapterflow.tasks.export_merged import export_merged
 from adapterflow.tasks.extract_adapter import extract_adapter
@@ -40,6 +41,14 @@ def test_steps_after_training_repeat_from_the_run_directory_alone(tmp_path):
     assert source["converted"] and source["initial"] == str(plan.run.initial)
     saved = save_adapter.fn(plan, source)
     assert saved["converted"] and _files(Path(saved["adapter_dir"])) == published  # byte for byte the same adapter
+    # The listed digests come from the manifest, hashed while writing: they are the files' digests.
+    for entry in saved["files"]:
+        path = Path(saved["output_dir"]) / entry["name"]
+        assert (entry["bytes"], entry["sha256"]) == (path.stat().st_size, hashlib.sha256(path.read_bytes()).hexdigest())
+    assert any(Path(entry["name"]).name == "adapterflow.json" for entry in saved["files"])
+    assert verify_manifest(saved["output_dir"]) == []
+    base = json.loads((Path(saved["adapter_dir"]) / "adapterflow.json").read_text())["base"]
+    assert base["architecture"] == "LlamaForCausalLM" and base["hub_commit"] is None and base["targeted_modules"] > 0
 
 
 def test_optional_steps_skip_visibly():

@@ -44,7 +44,8 @@ def test_a_checkpoint_is_a_peft_adapter_reproducing_the_training_model(load_base
     assert [p.name for p in checkpoints.complete()] == ["step-000004", "step-000006"]  # the newest 2 stay
     final = checkpoints.latest()
     assert sorted(p.name for p in final.iterdir()) == [
-        "README.md", "adapter_config.json", "adapter_model.safetensors", "progress.json", "training_state.pt"]
+        "README.md", "adapter_config.json", "adapter_model.safetensors", "adapterflow.json", "progress.json",
+        "training_state.pt"]
     assert json.loads((final / "progress.json").read_text())["step"] == 6
     theirs = peft.PeftModel.from_pretrained(load_base(), final).eval()
     with torch.no_grad():
