@@ -63,8 +63,15 @@ def write_adapters(
         OSError: a write failed; the message names save_directory and, for a full disk, the bytes needed.
     """
     for name, (state, config) in adapters.items():
-        formats.check_adapter_name(name)
         check_saveable(state, config)
+    return _write_checked(save_directory, adapters, safe_serialization, card, base_model, base_hub_commit)
+
+
+def _write_checked(save_directory, adapters: Mapping[str, Adapter], safe_serialization: bool,
+                   card: ModelCardInfo | None, base_model, base_hub_commit: str | None) -> list[Path]:
+    """write_adapters after its tensors passed check_saveable (save_adapter_model checks them before converting)."""
+    for name in adapters:
+        formats.check_adapter_name(name)
     root = Path(save_directory)
     weights = formats.weights_name(safe_serialization)
     stale = {formats.adapter_dir(Path(), name) / formats.weights_name(not safe_serialization) for name in adapters}
@@ -150,7 +157,9 @@ def save_adapter_model(
     for name in names:
         config = model.peft_config[name]
         state = get_adapter_state_dict(model, config, name, save_embedding_layers)
-        check_saveable(state, config, model, name)  # e.g. an FSDP model's shards: gather first
+        # e.g. an FSDP model's shards: gather first. Not paired with `model` (check_saveable's model=): these
+        # are the model's own tensors, so their shapes are its shapes by construction.
+        check_saveable(state, config)
         if initial is not None:
             state, config = convert_pissa_to_lora(state, config, *initial, base_weights=_base_weights(model, name))
         elif is_randomized_pissa(config.init_lora_weights):
@@ -158,8 +167,7 @@ def save_adapter_model(
         adapters[name] = (state, config)
     if not is_main_process:
         return []
-    return write_adapters(save_directory, adapters, safe_serialization, base_model=model,
-                          base_hub_commit=base_hub_commit)
+    return _write_checked(save_directory, adapters, safe_serialization, None, model, base_hub_commit)
 
 
 def _base_weights(model, adapter_name: str) -> dict[str, torch.Tensor]:
