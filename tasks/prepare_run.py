@@ -18,7 +18,8 @@ from adapterflow.redaction import redact
 from adapterflow.runtime.checkpoints import Checkpoints
 from adapterflow.runtime.run_dir import RunDir, read_json, write_json
 from adapterflow.tasks.retries import RESULT_OPTIONS, RETRY_OPTIONS
-from adapterflow.tasks.run_plan import (ParameterError, RunPlan, check_run, launch_settings,
+from adapterflow.targeting import embedding_is_targeted
+from adapterflow.tasks.run_plan import (ParameterError, RunPlan, check_run, launch_settings, meta_model,
                                         training_settings)
 
 __all__ = ["ParameterError", "claim_output_dir", "prepare_run"]
@@ -41,6 +42,10 @@ def prepare_run(params: SaveAdapterParameters, run_name: str) -> RunPlan:
     _refuse_changed_rerun(run, record, run_name)
     run.root.mkdir(parents=True, exist_ok=True)
     write_json(run.plan, record)
+    if params.save.save_embedding_layers == "auto" and plan.save_embedding_layers:
+        get_run_logger().info("adapter.target_modules names an embedding layer, so the adapter also stores the full "
+                              "embedding weights, as PEFT does (save.save_embedding_layers=auto; false leaves "
+                              "them out)")
     get_run_logger().info("Run directory %s; %d training examples", run.root, checked.n_train)
     return plan
 
@@ -89,12 +94,24 @@ def build_plan(params: SaveAdapterParameters, checked, run: RunDir, output_dir: 
         eval_fraction=params.dataset.eval_fraction,
         max_seq_len=params.training.max_seq_len, lora_config=checked.config.to_dict(),
         training=training_settings(params, checked), launch=launch_settings(params), output_dir=str(output_dir),
-        safe_serialization=params.save.safe_serialization, save_embedding_layers=params.save.save_embedding_layers,
+        safe_serialization=params.save.safe_serialization, save_embedding_layers=_embedding_layers(params, checked),
         convert_pissa_to_lora=is_pissa(params.adapter.init) and params.save.convert_pissa_to_lora,
         atol=params.verify.atol or (1e-4 if params.base_model.dtype == "float32" else 5e-2),
         require_runtimes=list(params.verify.require_runtimes),
         parameters=params.model_dump(mode="json"),
     )
+
+
+def _embedding_layers(params: SaveAdapterParameters, checked) -> bool:
+    """save.save_embedding_layers with "auto" decided now, as the library would decide it at every save (PEFT's
+    rule: an embedding layer is targeted; the vocabulary never changes in this pipeline): the run's log says it
+    once, instead of a Python warning at every checkpoint."""
+    flag = params.save.save_embedding_layers
+    if flag != "auto":
+        return flag
+    targets = checked.config.target_modules
+    needs_names = isinstance(targets, str) and targets.lower() != formats.ALL_LINEAR  # a regex: match module names
+    return embedding_is_targeted(targets, meta_model(checked.base_path) if needs_names else None)
 
 
 def check_rerun(params: SaveAdapterParameters, checked) -> None:

@@ -114,7 +114,7 @@ def check_run(params: SaveAdapterParameters) -> CheckedRun:
     if base_path is not None and config is not None:
         from adapterflow.targeting import plan_targets
 
-        _check(problems, "adapter.target_modules", lambda: plan_targets(_meta_model(base_path), config))
+        _check(problems, "adapter.target_modules", lambda: plan_targets(meta_model(base_path), config))
     n_train = 0
     if base_path is not None and examples is not None:
         splits = split_examples(examples, params.dataset.eval_fraction, params.training.seed)
@@ -217,8 +217,8 @@ def _tokenizer(load_tokenizer, base_path: Path):
                                 f"that folder too (tokenizer.save_pretrained(folder)).") from None
 
 
-def _meta_model(base_path: Path) -> torch.nn.Module:
-    # The module tree without weights: enough to match target_modules, at no memory cost.
+def meta_model(base_path: Path) -> torch.nn.Module:
+    """The base's module tree without weights (meta device): enough to match target_modules, at no memory cost."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     with torch.device("meta"):

@@ -42,3 +42,18 @@ def test_a_rerun_with_other_training_settings_is_refused_and_writes_nothing(tmp_
     again = run_flow(runs, run_name="same", adapter={"init": "lora"}, training={"keep_checkpoints": 3})
     assert again.is_completed(), again.message
     assert json.loads((runs / "same" / "training.json").read_text())["resumed_from"] == 8
+
+
+@pytest.mark.parametrize("targets, given, expected", [
+    (["q_proj", "lm_head"], "auto", True), (["q_proj"], "auto", False), ("all-linear", "auto", False),
+    (r"(.*\.)?(q_proj|lm_head)", "auto", True), (["q_proj", "lm_head"], False, False), (["q_proj"], True, True)])
+def test_the_plan_decides_save_embedding_layers_auto_once(tmp_path, recwarn, targets, given, expected):
+    """PEFT's "auto" rule decided when the run is planned (a log line), not warned about at every checkpoint."""
+    from adapterflow.runtime.run_dir import RunDir
+    from adapterflow.tasks.prepare_run import build_plan
+
+    params = parameters_for(tmp_path / "runs", adapter={"init": "lora", "target_modules": targets},
+                            save={"save_embedding_layers": given})
+    plan = build_plan(params, check_run(params), RunDir(tmp_path / "runs" / "x"), tmp_path / "out")
+    assert plan.save_embedding_layers is expected
+    assert not [w for w in recwarn if "save_embedding_layers" in str(w.message)]
