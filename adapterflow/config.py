@@ -21,7 +21,7 @@ from typing import Any, Union
 from adapterflow import formats
 from adapterflow.atomic import write_file_atomic
 from adapterflow.init_methods import parse_init_method
-from adapterflow.serialization import AdapterLoadError
+from adapterflow.serialization import read_json_object
 
 BIAS_OPTIONS = ("none", "all", "lora_only")
 # PEFT task types whose PeftModel subclass adds no modules of its own (SEQ_CLS silently adds the classifier head
@@ -210,17 +210,8 @@ class LoraConfig:
                 f"No {formats.CONFIG_NAME} at {config_path}. Pass the folder that save_pretrained wrote "
                 f"(it holds {formats.CONFIG_NAME} and {formats.SAFETENSORS_WEIGHTS_NAME})."
             )
-        try:
-            data = json.loads(config_path.read_bytes())  # an OSError (EIO, EACCES) stays one: it may be transient
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise AdapterLoadError(
-                f"{config_path} is not readable JSON ({type(exc).__name__}: {exc}); re-save or re-download the adapter."
-            ) from None
-        if not isinstance(data, dict):
-            raise AdapterLoadError(
-                f"{config_path} holds a JSON {type(data).__name__} ({json.dumps(data)[:60]}), not an object of "
-                f"LoRA settings; re-save or re-download the adapter."
-            )
+        # An OSError (EIO, EACCES) stays one: it may be transient.
+        data = read_json_object(config_path, fix="; re-save or re-download the adapter")
         return cls.from_dict(data)
 
     def for_saving(self) -> "LoraConfig":

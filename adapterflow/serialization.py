@@ -222,6 +222,26 @@ def write_weights(path: Path, tensors: dict[str, torch.Tensor]) -> StreamDigest:
     return digest
 
 
+def read_json_object(path: str | os.PathLike, fix: str = "") -> dict:
+    """The JSON object stored in `path` (adapter_config.json, a model's config.json, an index file).
+
+    Args:
+        fix: what to do, appended to the error message (e.g. "; re-save or re-download the adapter").
+
+    Raises:
+        FileNotFoundError, OSError: as the OS raised them (an EIO may be transient: retries can tell).
+        AdapterLoadError: the file is not JSON (or not UTF-8), or holds a JSON value that is not an object.
+    """
+    try:
+        data = json.loads(Path(path).read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AdapterLoadError(f"{path} is not readable JSON ({type(exc).__name__}: {exc}){fix}.") from None
+    if not isinstance(data, dict):
+        raise AdapterLoadError(f"{path} holds a JSON {type(data).__name__} ({json.dumps(data)[:60]}), not an "
+                               f"object{fix}.")
+    return data
+
+
 def find_weights_file(folder: str | os.PathLike) -> Path:
     """The weights file of an adapter folder: safetensors first, then .bin."""
     folder = Path(folder)

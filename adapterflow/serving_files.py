@@ -6,7 +6,6 @@ memory-mapped (`torch.load(mmap=True, weights_only=True)`), so a 70B base costs 
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -17,7 +16,7 @@ import torch
 from safetensors import safe_open
 
 from adapterflow import formats
-from adapterflow.serialization import AdapterLoadError
+from adapterflow.serialization import AdapterLoadError, read_json_object
 
 # Base-model files, as transformers names them (`transformers.utils.SAFE_WEIGHTS_NAME`, `WEIGHTS_NAME`, ...).
 BASE_CONFIG_NAME = "config.json"
@@ -102,7 +101,7 @@ def read_adapter_files(folder: str | os.PathLike) -> AdapterFiles:
     if not config_path.is_file():
         raise FileNotFoundError(f"{folder} has no {formats.CONFIG_NAME}: pass the folder that save_pretrained wrote "
                                 f"(for an adapter not named 'default', its subfolder).")
-    config = _read_json(config_path)
+    config = read_json_object(config_path)
     name = next((n for n in ADAPTER_WEIGHT_NAMES if (folder / n).is_file()), None)
     shapes, nbytes = read_tensor_sizes(folder / name) if name else ({}, {})
     return AdapterFiles(folder, config, name, shapes, nbytes)
@@ -119,7 +118,7 @@ def read_base_shapes(folder: str | os.PathLike) -> BaseShapes:
     folder = Path(folder)
     if not (folder / BASE_CONFIG_NAME).is_file():
         raise FileNotFoundError(f"{folder} is not a model folder: it has no {BASE_CONFIG_NAME}.")
-    config = _read_json(folder / BASE_CONFIG_NAME)
+    config = read_json_object(folder / BASE_CONFIG_NAME)
     files = _base_weight_files(folder)
     if not files:
         raise FileNotFoundError(f"{folder} has no weights ({BASE_SAFETENSORS}, {BASE_SAFETENSORS_INDEX} or "
@@ -133,7 +132,7 @@ def read_base_shapes(folder: str | os.PathLike) -> BaseShapes:
 def _base_weight_files(folder: Path) -> list[Path]:
     for index in (BASE_SAFETENSORS_INDEX, BASE_BIN_INDEX):
         if (folder / index).is_file():
-            weight_map = _read_json(folder / index).get("weight_map", {})
+            weight_map = read_json_object(folder / index).get("weight_map", {})
             return [folder / name for name in sorted(set(weight_map.values()))]
     if (folder / BASE_SAFETENSORS).is_file():
         return [folder / BASE_SAFETENSORS]
@@ -174,13 +173,3 @@ def read_tensor_sizes(path: Path) -> tuple[Shapes, dict[str, int]]:
         raise AdapterLoadError(f"{path} holds a {type(state).__name__}, not a dict of tensors.")
     tensors = {key: t for key, t in state.items() if isinstance(t, torch.Tensor)}
     return {k: tuple(t.shape) for k, t in tensors.items()}, {k: t.numel() * t.element_size() for k, t in tensors.items()}
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_bytes())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AdapterLoadError(f"{path} is not readable JSON ({type(exc).__name__}: {exc}).") from None
-    if not isinstance(data, dict):
-        raise AdapterLoadError(f"{path} holds a JSON {type(data).__name__}, not an object.")
-    return data
