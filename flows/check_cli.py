@@ -108,15 +108,15 @@ def parse_rank(text: str | None) -> int | None:
 
 def resolve_base(name: str):
     """A local folder as it is (check_serving reads its headers), a Hub repo id as its `BaseShapes`."""
-    from adapterflow.model_references import is_hub_model_id
+    from adapterflow.model_references import is_hub_model_id, is_local_reference
 
     if not name.strip():
         raise UsageError("--base is empty: give the base model's folder or its Hub repo id (namespace/name)")
     path = Path(name).expanduser()
     if path.is_dir():
         return path
-    local = name.startswith(("./", "../", "/", "~")) or (len(path.parts) > 1 and Path(path.parts[0]).exists())
-    if local:  # a path, not a Hub id: its first folder exists here, or it starts like a path
+    local = is_local_reference(name, Path.cwd()) or (len(path.parts) > 1 and Path(path.parts[0]).exists())
+    if local:  # a path, not a Hub id: spelt as one (the parameters' rule), or its first folder exists here
         raise UsageError(f"--base {name}: no such folder; pass the base model's folder (config.json and weights) "
                          f"or its Hub repo id (namespace/name)")
     if not is_hub_model_id(name):
