@@ -12,6 +12,7 @@ import copy
 import ctypes
 import datetime
 import gc
+import hashlib
 import json
 import os
 import platform
@@ -20,6 +21,7 @@ import shutil
 import statistics
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -192,6 +194,20 @@ def durable_bytes(blob: memoryview, path: Path) -> None:
     os.close(folder)
 
 
+def durable_bytes_hashed(blob: memoryview, path: Path) -> str:
+    """`durable_bytes` with the sha256 of the same bytes computed meanwhile in a second thread (hashlib releases
+    the GIL; one call over the contiguous blob): the least a save that records its file's sha256 (the integrity
+    manifest) can cost here. Returns the hex digest."""
+    sha = hashlib.sha256()
+    thread = threading.Thread(target=sha.update, args=(blob,))
+    thread.start()
+    try:
+        durable_bytes(blob, path)
+    finally:
+        thread.join()
+    return sha.hexdigest()
+
+
 def safetensors_bytes(state: dict) -> memoryview:
     """The exact bytes `save_file` writes for `state` (what `durable_bytes` writes)."""
     return memoryview(safetensors.torch.save(state, metadata={"format": "pt"}))
@@ -226,6 +242,9 @@ def bench_save(base, dirs: Dirs, reps: int, reference: Path) -> tuple[dict, dict
                       lambda d: fsynced_save_file(state, d / "adapter_model.safetensors"), dirs.drop),
         "durable_bytes": (lambda: dirs.new(create=True),
                           lambda d: durable_bytes(blob, d / "adapter_model.safetensors"), dirs.drop),
+        "durable_bytes_sha256": (lambda: dirs.new(create=True),
+                                 lambda d: durable_bytes_hashed(blob, d / "adapter_model.safetensors"), dirs.drop),
+        "sha256_alone": (dirs.new, lambda d: hashlib.sha256(blob).hexdigest(), dirs.drop),  # one core, no disk
     }
     times = compare(cases, reps)
     memory = {}
@@ -297,11 +316,14 @@ def report(res: dict) -> tuple[str, list]:
     row('create, init "pissa" (full SVD, 1 layer: down_proj)', "create_pissa_full")
     save = t["save"]
     raw, raw_fsync, durable = med(save["raw"]), med(save["raw_fsync"]), med(save["durable_bytes"])
+    hashed = med(save["durable_bytes_sha256"])
     ours_save, peft_save = med(save["ours"]), med(save["peft"])
     row("save_pretrained (safetensors)", "save",
         f"; raw save_file {fmt(raw)} (ours/raw {ours_save / raw:.2f}x); raw save_file+fsync {fmt(raw_fsync)} "
         f"(ours/that {ours_save / raw_fsync:.2f}x); durable bytes {fmt(durable)} (ours/that {ours_save / durable:.2f}x, "
-        f"that/PEFT {durable / peft_save:.2f}x); adapter {res['sizes']['adapter_mb']:.1f} MB")
+        f"that/PEFT {durable / peft_save:.2f}x); durable bytes + their sha256 in a second thread {fmt(hashed)} "
+        f"(that/durable bytes {hashed / durable:.2f}x, ours/that {ours_save / hashed:.2f}x); "
+        f"adapter {res['sizes']['adapter_mb']:.1f} MB")
     row("save with PiSSA->LoRA conversion", "convert",
         f"; converted adapter {res['sizes']['converted_adapter_mb']:.1f} MB")
     row("load (from_pretrained, PEFT-saved folder)", "load")
@@ -312,8 +334,10 @@ def report(res: dict) -> tuple[str, list]:
     rows.append(f"| with conversion | {mem['convert']['ours']:.1f} MB | {mem['convert']['peft']:.1f} MB | - | - "
                 f"| {res['sizes']['converted_adapter_mb']:.1f} MB |")
     targets = [
-        ("save <= 0.5x PEFT", ours_save / peft_save, 0.5),
-        ("save <= 1.5x raw floor (save_file, no fsync)", ours_save / raw, 1.5),
+        ("save <= 0.5x PEFT (wave 1)", ours_save / peft_save, 0.5),
+        ("save <= 1.5x raw floor (save_file, no fsync; wave 1)", ours_save / raw, 1.5),
+        ("save <= 1.0x PEFT (wave 2)", ours_save / peft_save, 1.0),
+        ("save <= 1.2x durable floor (the bytes alone written and fsynced; wave 2)", ours_save / durable, 1.2),
         ("conversion <= 0.5x PEFT", med(t["convert"]["ours"]) / med(t["convert"]["peft"]), 0.5),
         ("pissa_niter_4 init <= 1.0x PEFT",
          med(t["create_pissa_niter_4"]["ours"]) / med(t["create_pissa_niter_4"]["peft"]), 1.0),

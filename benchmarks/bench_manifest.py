@@ -94,6 +94,10 @@ def main() -> None:
     print(f"save: ours/PEFT {ms['ours'] / ms['peft']:.2f}x (goal <= 1.0x), ours/durable bytes "
           f"{ms['ours'] / ms['durable_bytes']:.2f}x (goal <= 1.2x); manifest {cost:+.1f} ms, ours/ours without "
           f"manifest {ms['ours'] / ms['ours_no_manifest']:.2f}x")
+    print(f"the least a hashed save costs here: durable bytes + their sha256 in a second thread "
+          f"{ms['durable_bytes_sha256']:.1f} ms = {ms['durable_bytes_sha256'] / ms['durable_bytes']:.2f}x durable "
+          f"bytes (ours/that {ms['ours'] / ms['durable_bytes_sha256']:.2f}x); sha256 alone (one core) "
+          f"{ms['sha256_alone']:.1f} ms = {ms['sha256_alone'] / ms['durable_bytes']:.2f}x")
     print(f"load of our save: checked {ms['verified']:.1f} ms, verify_manifest=False {ms['unverified']:.1f} ms "
           f"({ms['verified'] - ms['unverified']:+.1f} ms)")
     Path(args.json).write_text(json.dumps({"seconds": {**saves, **loads}, "others_cpu": others,

@@ -61,15 +61,17 @@ def export_merged_model(base_path: str | os.PathLike, adapter_dir: str | os.Path
         OSError: a write failed (the message names target).
     """
     dtype = dtype or base_dtype
-    base = load_base_model(base_path, dtype=base_dtype).to(dtype)  # the verified base weights, in `dtype`
-    model = AdapterModel.from_pretrained(base, adapter_dir, adapter_name=adapter_name)
+    # the verified base weights, in `dtype`; one model in memory at a time (the merge works in place)
+    model = AdapterModel.from_pretrained(load_base_model(base_path, dtype=base_dtype).to(dtype), adapter_dir,
+                                         adapter_name=adapter_name)
     expected = model(**probe).logits.float()
     merged = merge_adapter(model, adapter_name=adapter_name)
+    del model
     target = Path(target)
     with staged_directory(target, keep=lambda rel: False) as staging:  # old files of target are dropped
         with no_progress_bars():
             merged.save_pretrained(staging, max_shard_size=max_shard_size)
-        del merged, model
+        del merged  # the last reference: freed before the reload, so the export's peak is one model, not two
         load_tokenizer(base_path).save_pretrained(staging)
         if card is not None:
             (staging / formats.MODEL_CARD_NAME).write_text(card)

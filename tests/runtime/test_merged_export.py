@@ -89,3 +89,33 @@ def test_a_merged_model_that_differs_is_never_written(builtin_base, probe, tmp_p
     assert [p.name for p in target.iterdir()] == ["previous.txt"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
     assert not MergedExportError("x").transient  # a user-visible verdict: never retried
+
+
+def test_the_merged_model_is_freed_before_the_folder_is_reloaded(builtin_base, probe, tmp_path, monkeypatch):
+    """The export's peak memory is one model: the base holding the merged weights is gone (no reference left)
+    when transformers loads the written folder back for the check."""
+    import gc
+    import weakref
+
+    from adapterflow.runtime import merged_export
+
+    adapter = saved(builtin_base, tmp_path / "adapter", r=4, lora_alpha=8, target_modules=["q_proj"])
+    loaded, alive_at_reload = [], []
+    real_load, real_from_pretrained = merged_export.load_base_model, AutoModelForCausalLM.from_pretrained
+
+    def tracked_load(*args, **kwargs):
+        model = real_load(*args, **kwargs)
+        loaded.append(weakref.ref(model))
+        return model
+
+    def checking_from_pretrained(*args, **kwargs):
+        gc.collect()
+        alive_at_reload.append([ref() is not None for ref in loaded])
+        return real_from_pretrained(*args, **kwargs)
+
+    monkeypatch.setattr(merged_export, "load_base_model", tracked_load)
+    monkeypatch.setattr(merged_export.AutoModelForCausalLM, "from_pretrained", checking_from_pretrained)
+    result = export_merged_model(builtin_base, adapter, tmp_path / "merged", probe, base_dtype=torch.float32,
+                                 atol=FP32_ATOL)
+    # the first call is load_base_model's own; the last one is the check's reload of the written folder
+    assert alive_at_reload[-1] == [False] and result["max_abs_diff"] <= FP32_ATOL
