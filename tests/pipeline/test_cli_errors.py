@@ -257,3 +257,18 @@ def test_an_unreachable_prefect_api_is_named(user_folder, capfd, monkeypatch):
         main(["run", "--set", "training.steps=1"])
     err = capfd.readouterr().err
     assert exit_info.value.code == 2 and "PREFECT_API_URL=" in err and "no Prefect API answers" in err, err
+
+
+def test_a_parameter_mistake_is_told_before_prefect_and_transformers_are_imported(tmp_path):
+    """The commonest mistake (a key or a value the schema refuses) is answered from the parameters alone: the CLI
+    validates them before importing the pipeline (Prefect, transformers: ~8 s of imports on this VM)."""
+    import subprocess
+    import sys
+
+    script = ("import sys\nfrom adapterflow.flows.cli import main\ntry:\n    main(['run', '--set', 'training.stepz=5'])\n"
+              "except SystemExit as exc:\n    print('exit', exc.code)\n"
+              "print('loaded', sorted(m for m in ('prefect', 'transformers', 'mlflow') if m in sys.modules))\n")
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert "did you mean training.steps?" in done.stderr and "Traceback" not in done.stderr
+    assert done.stdout.splitlines()[-2:] == ["exit 2", "loaded []"]
+    assert list(tmp_path.iterdir()) == []  # nothing written
