@@ -50,22 +50,36 @@ def read_verified_adapter(folder: Path, model: nn.Module, verify_manifest: bool 
     if not config_path.is_file():
         LoraConfig.from_pretrained(folder)  # raises its FileNotFoundError
     config_bytes = config_path.read_bytes()
-    problems = [file_problem(folder, formats.CONFIG_NAME, manifest, bytes_digest(config_bytes)),
+    data = _json_or_none(config_bytes)
+    # The same settings written differently (re-indented, keys reordered) are the same adapter: a load compares
+    # them by their canonical digest; verify_manifest (the Hub push) still wants the very bytes.
+    same_settings = data is not None and manifest.get("adapter_config_sha256") == config_sha256(data)
+    problems = [None if same_settings else file_problem(folder, formats.CONFIG_NAME, manifest,
+                                                        bytes_digest(config_bytes)),
                 file_problem(folder, weights.name, manifest, file_digest(weights))]
     problems += [file_problem(folder, name, manifest, None) for name in formats.WEIGHTS_NAMES
                  if name != weights.name and name in manifest["files"]]
     if problems := [p for p in problems if p is not None]:
         raise ManifestError(
-            "The adapter's files changed after it was saved (a corrupt copy, a partial download or an edit):\n"
-            + "\n".join(f"  - {p}" for p in problems)
-            + f"\nSave or download the adapter again, or {_SKIP}.")
-    data = json.loads(config_bytes)
+            "The adapter's files changed after it was saved (a corrupt copy, a partial download, an edit, or another "
+            f"tool, e.g. PEFT's save_pretrained, wrote into the folder and left its {formats.MANIFEST_NAME} as it "
+            "was):\n" + "\n".join(f"  - {p}" for p in problems)
+            + f"\nSave or download the adapter again; if the folder was rewritten on purpose, delete "
+              f"{folder / formats.MANIFEST_NAME}; or {_SKIP}.")
     if manifest.get("adapter_config_sha256") not in (None, config_sha256(data)):
         raise ManifestError(f"{config_path} does not have the settings its {formats.MANIFEST_NAME} records "
                             f"(adapter_config_sha256); save the adapter again, or {_SKIP}.")
     state, config = read_weights(folder), LoraConfig.from_dict(data)
     _check_base(folder, manifest.get("base"), model, state)
     return state, config
+
+
+def _json_or_none(data: bytes) -> dict | None:
+    try:
+        value = json.loads(data)
+    except ValueError:  # not JSON or not UTF-8: the digest comparison names the file
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def _check_base(folder: Path, saved: dict | None, model: nn.Module, state: dict) -> None:

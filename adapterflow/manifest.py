@@ -148,9 +148,14 @@ def verify_manifest(folder: str | os.PathLike) -> list[str]:
         folder has no manifest at all (written by PEFT or an older adapterflow: nothing to check against).
 
     Raises:
+        FileNotFoundError, NotADirectoryError: `folder` does not exist or is a file (nothing could be checked).
         ManifestError: a manifest file that cannot be read.
     """
     root = Path(folder)
+    if not root.is_dir():
+        error = NotADirectoryError if root.exists() else FileNotFoundError
+        raise error(f"verify_manifest: {root} is {'a file' if root.exists() else 'missing'}; pass a saved adapter "
+                    f"folder")
     problems = []
     for path in sorted(root.rglob(formats.MANIFEST_NAME)):
         if any(part.startswith(".") for part in path.relative_to(root).parts):

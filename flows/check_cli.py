@@ -1,8 +1,9 @@
 """`adapterflow check ADAPTER_DIR [--base BASE] [--runtime vllm,llama.cpp,peft] [--max-lora-rank N] [--json]`.
 
 Will the adapter serve? Runs `adapterflow.serving.check_serving` and prints a report per runtime (each rule pass,
-warn or FAIL with its fix), or the report as JSON. Exit status 0 when every runtime asked for passes, 1 when one
-fails, 2 on a usage error (a missing folder, an unknown runtime, a bad --max-lora-rank, a base that cannot be
+warn or FAIL with its fix), then whether the files match the folder's integrity manifest (adapterflow.json), or all
+of it as JSON. Exit status 0 when every runtime asked for passes and the files match their manifest (or there is
+none), 1 when one fails, 2 on a usage error (a missing folder, an unknown runtime, a bad --max-lora-rank, a base that cannot be
 read), printed as one line without a traceback. A `--base` that is a Hub repo id is read from the Hub (its
 config.json and the safetensors headers, not the weights; `HF_ENDPOINT`, `HF_TOKEN`).
 """
@@ -50,8 +51,37 @@ def check_command(args: argparse.Namespace) -> int:
         message = " ".join(str(exc).split()) or type(exc).__name__
         print(f"adapterflow check: {message}", file=sys.stderr)
         return USAGE_EXIT
-    print_to_closable_stdout(json.dumps(report.to_dict(), indent=2) if args.json else format_report(report))
-    return 0 if report.passed() else FAILED_EXIT
+    manifest = manifest_status(Path(args.adapter_dir))
+    text = (json.dumps({**report.to_dict(), "manifest": manifest}, indent=2) if args.json
+            else format_report(report) + "\n\n" + format_manifest(manifest))
+    print_to_closable_stdout(text)
+    return 0 if report.passed() and manifest["status"] != "fail" else FAILED_EXIT
+
+
+def manifest_status(folder: Path) -> dict:
+    """{"status": "ok" | "fail" | "none", "problems": [...]}: the folder's files against its adapterflow.json
+    (adapterflow.manifest.verify_manifest; "none": a folder without one, e.g. written by PEFT). A folder that no
+    longer matches is not the adapter that was saved and verified: the Hub push refuses it too."""
+    from adapterflow.manifest import ManifestError, read_manifest, verify_manifest
+
+    try:
+        if read_manifest(folder) is None:
+            return {"status": "none", "problems": []}
+        problems = verify_manifest(folder)
+    except ManifestError as exc:
+        problems = [" ".join(str(exc).split())]
+    return {"status": "fail" if problems else "ok", "problems": problems}
+
+
+def format_manifest(manifest: dict) -> str:
+    from adapterflow import formats
+
+    if manifest["status"] == "none":
+        return f"manifest: none (no {formats.MANIFEST_NAME}: written by PEFT or another tool; nothing to compare)"
+    if manifest["status"] == "ok":
+        return f"manifest: pass (every file matches {formats.MANIFEST_NAME})"
+    return "\n".join([f"manifest: FAIL (the files are not the ones this folder's {formats.MANIFEST_NAME} describes; "
+                       f"save or download the adapter again)", *(f"  - {p}" for p in manifest["problems"])])
 
 
 def print_to_closable_stdout(text: str) -> None:

@@ -258,3 +258,29 @@ def test_large_tensors_are_hashed_in_the_helper_thread_in_file_order(tmp_path, m
     with pytest.raises(OSError, match="injected"):
         write_adapters(tmp_path / "b", {"default": (state, config)})
     assert threading.active_count() == before and not (tmp_path / "b").exists()
+
+
+def test_a_reindented_config_loads_and_a_peft_save_into_the_folder_is_told_how_to_fix(model, load_base, tmp_path):
+    folder = tmp_path / "a"
+    model.save_pretrained(folder)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps(dict(reversed(list(config.items()))), indent=4))
+    AdapterModel.from_pretrained(load_base(), folder)  # the same settings: the same adapter
+    assert len(verify_manifest(folder)) == 1 and "adapter_config.json has" in verify_manifest(folder)[0]
+    peft_model = PeftModel.from_pretrained(load_base(), folder, is_trainable=True)
+    with torch.no_grad():
+        next(p for n, p in peft_model.named_parameters() if "lora_B" in n).add_(1.0)
+    peft_model.save_pretrained(folder)  # PEFT rewrites the config and weights, and leaves adapterflow.json
+    with pytest.raises(ManifestError) as info:
+        AdapterModel.from_pretrained(load_base(), folder)
+    assert "PEFT's save_pretrained" in str(info.value) and f"delete {folder / 'adapterflow.json'}" in str(info.value)
+    (folder / "adapterflow.json").unlink()
+    AdapterModel.from_pretrained(load_base(), folder)
+
+
+def test_verify_manifest_refuses_a_missing_folder_and_a_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="is missing; pass a saved adapter folder"):
+        verify_manifest(tmp_path / "nope")
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(NotADirectoryError, match="is a file"):
+        verify_manifest(tmp_path / "file.txt")

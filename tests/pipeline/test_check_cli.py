@@ -145,3 +145,25 @@ def test_a_reader_that_closes_the_pipe_early(adapters, name, verdict):
         stderr = head.stderr.read()
         assert head.wait(timeout=120) == verdict and stderr == "", stderr
     assert lines[0].startswith("adapter: ")
+
+
+def test_the_report_ends_with_the_manifest_and_a_changed_file_fails(capfd, adapters, tmp_path):
+    import shutil
+
+    code, out, _ = check(capfd, adapters["ok"])
+    assert code == 0 and out.rstrip().endswith("manifest: pass (every file matches adapterflow.json)"), out
+    flipped = Path(shutil.copytree(adapters["ok"], tmp_path / "flipped"))
+    weights = flipped / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # a tensor byte: every serving rule still passes, the file is not the saved one
+    weights.write_bytes(bytes(data))
+    code, out, _ = check(capfd, flipped)
+    assert code == 1 and "vLLM: pass" in out and "manifest: FAIL" in out
+    assert f"  - {weights}: sha256 " in out and "differs from" in out
+    code, out, _ = check(capfd, flipped, "--json")
+    report = json.loads(out)
+    assert code == 1 and report["passed"] is True and report["manifest"]["status"] == "fail"
+    assert len(report["manifest"]["problems"]) == 1
+    (flipped / "adapterflow.json").unlink()  # a folder without a manifest (PEFT's): nothing to compare
+    code, out, _ = check(capfd, flipped)
+    assert code == 0 and "manifest: none (no adapterflow.json" in out
