@@ -25,6 +25,7 @@ from adapterflow.save import read_adapter, resolve_conversion_path, save_adapter
 from adapterflow.state_dict import (
     AdapterLoadError,
     SaveEmbeddingLayers,
+    adapter_checksums,
     adapter_layers,
     bias_parameters,
     changed_base_tensors,
@@ -200,6 +201,8 @@ class AdapterModel(nn.Module):
         # their outputs (inject.coexistence_problems).
         self.peft_config[adapter_name] = inject_adapter(self.base_model.model, adapter_name, config, initialize,
                                                         existing=dict(self.peft_config))
+        if initialize and is_randomized_pissa(config.init_lora_weights):  # save_pretrained: still the initial one?
+            vars(self).setdefault("initial_checksums", {})[adapter_name] = adapter_checksums(self, adapter_name)
 
     def _set_trainable(self, adapter_name: str, trainable: bool) -> None:
         """requires_grad of one adapter's tensors; every other tensor keeps its own."""

@@ -29,7 +29,8 @@ from adapterflow.manifest import FolderManifest, ManifestError, read_manifest
 from adapterflow.model_card import ModelCardInfo, render_model_card
 from adapterflow.conversion import convert_pissa_to_lora
 from adapterflow.serialization import payload_bytes, read_weights, write_weights
-from adapterflow.state_dict import SaveEmbeddingLayers, adapter_layers, check_saveable, get_adapter_state_dict
+from adapterflow.state_dict import (SaveEmbeddingLayers, adapter_checksums, adapter_layers, check_saveable,
+                                   get_adapter_state_dict)
 
 Adapter = tuple[dict[str, torch.Tensor], LoraConfig]
 
@@ -162,12 +163,19 @@ def save_adapter_model(
         check_saveable(state, config)
         if initial is not None:
             state, config = convert_pissa_to_lora(state, config, *initial, base_weights=_base_weights(model, name))
-        elif is_randomized_pissa(config.init_lora_weights):
+        elif is_randomized_pissa(config.init_lora_weights) and not _initial_state(model, name):
             warn_randomized_pissa(config.init_lora_weights)
         adapters[name] = (state, config)
     if not is_main_process:
         return []
     return _write_checked(save_directory, adapters, safe_serialization, None, model, base_hub_commit)
+
+
+def _initial_state(model, adapter_name: str) -> bool:
+    """Whether the adapter still holds the values its PiSSA initialisation gave it (the initial adapter being
+    saved before training, which is what a later conversion needs: no warning then)."""
+    recorded = getattr(model, "initial_checksums", {}).get(adapter_name)
+    return recorded is not None and recorded == adapter_checksums(model, adapter_name)
 
 
 def _base_weights(model, adapter_name: str) -> dict[str, torch.Tensor]:

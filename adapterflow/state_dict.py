@@ -43,6 +43,13 @@ def adapter_model_tensors(model: nn.Module, adapter_name: str) -> dict[str, torc
     return tensors
 
 
+def adapter_checksums(model: nn.Module, adapter_name: str) -> dict[str, tuple[float, float]]:
+    """{parameter name: (sum, sum of squares) in float64} of one adapter's tensors: a cheap record of their values
+    (e.g. right after a PiSSA initialisation, to tell at save time whether they have changed since)."""
+    return {key: (t.detach().double().sum().item(), t.detach().double().square().sum().item())
+            for key, t in adapter_model_tensors(model, adapter_name).items()}
+
+
 def get_adapter_state_dict(
     model: nn.Module,
     config: LoraConfig,

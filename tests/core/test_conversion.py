@@ -94,10 +94,15 @@ def test_convert_pissa_to_lora_is_a_deprecated_alias(load_base, tmp_path):
     assert json.loads((tmp_path / "converted" / "adapter_config.json").read_text())["r"] == 8
 
 
-def test_saving_randomized_pissa_unconverted_warns(load_base, tmp_path):
+def test_saving_randomized_pissa_unconverted_warns_once_trained(load_base, tmp_path):
     model = get_adapter_model(load_base(), LoraConfig(init_lora_weights="pissa_niter_2", **PISSA))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the initial adapter, saved as the README says: nothing to warn about
+        model.save_pretrained(tmp_path / "initial")
+    randomize_adapters(model)  # "training"
     with pytest.warns(UserWarning, match="randomized SVD.*path_initial_model_for_weight_conversion"):
         model.save_pretrained(tmp_path / "out")
+    model.save_pretrained(tmp_path / "converted", path_initial_model_for_weight_conversion=str(tmp_path / "initial"))
     with pytest.warns(UserWarning, match="randomized SVD runs again"):
         AdapterModel.from_pretrained(load_base(), tmp_path / "out")
 
