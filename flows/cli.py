@@ -78,7 +78,8 @@ def run_command(config_file: str | None, overrides: list[str], debug: bool = Fal
     from adapterflow.tasks.prepare_run import check_rerun
     from adapterflow.tasks.run_plan import check_run
 
-    check_rerun(parameters, check_run(parameters))
+    temporary = not os.environ.get("PREFECT_API_URL")  # flows/server.py then starts one that ends with the command
+    check_rerun(parameters, check_run(parameters, temporary_prefect_api=temporary))
     from adapterflow.flows.server import handle_termination, temporary_prefect_api
 
     with handle_termination(), temporary_prefect_api():  # SIGTERM acts as Ctrl-C; no server outlives the command

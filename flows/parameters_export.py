@@ -7,7 +7,7 @@ underscore emphasis (tests/pipeline/test_parameter_schema.py).
 from __future__ import annotations
 
 import re
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -24,17 +24,23 @@ class ExportSettings(BaseModel):
         False, description="also write the base model with the adapter merged in (W + scaling B A) to {run dir}/merged: "
                            "sharded safetensors, config and tokenizer files, loadable with "
                            "AutoModelForCausalLM.from_pretrained; its logits are checked against the verified adapter's")
-    max_shard_size: str = Field(
-        "5GB", json_schema_extra={"pattern": SHARD_SIZE_PATTERN},  # the Prefect server checks it too
+    max_shard_size: Union[int, str] = Field(
+        "5GB", json_schema_extra={"pattern": SHARD_SIZE_PATTERN, "minimum": 1},  # the Prefect server checks it too
         description="largest safetensors shard of the merged model: a whole number and GB, MB, KB, GiB, MiB or KiB, "
-                    "e.g. 5GB")
+                    "e.g. 5GB, or a whole number of bytes, e.g. 1000000 (as transformers' save_pretrained takes it)")
     dtype: Optional[Literal["float32", "bfloat16", "float16"]] = Field(
         None, description="dtype of the merged weights; default: base_model.dtype")
 
-    @field_validator("max_shard_size")
+    @field_validator("max_shard_size", mode="before")
     @classmethod
-    def _shard_size(cls, value: str) -> str:
-        if not re.match(SHARD_SIZE_PATTERN, value):
+    def _shard_size(cls, value):
+        """A str with a unit, or an int number of bytes >= 1 (transformers' convert_file_size_to_int takes both)."""
+        if isinstance(value, int) and not isinstance(value, bool):
+            if value < 1:
+                raise ValueError("a number of bytes must be at least 1; or use a unit, e.g. 5GB")
+            return value
+        if not (isinstance(value, str) and re.match(SHARD_SIZE_PATTERN, value)):
             raise ValueError("use a whole number of bytes with a unit: GB, MB, KB, GiB, MiB or KiB, e.g. 5GB or "
-                             "500MB (transformers reads a lowercase b as bits)")
+                             "500MB (transformers reads a lowercase b as bits), or a whole number of bytes, e.g. "
+                             "1000000")
         return value

@@ -8,6 +8,7 @@ registered model (no alias yet) only has to beat the base.
 
 from __future__ import annotations
 
+import math
 from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -44,8 +45,9 @@ class PromoteSettings(_Section):
     metric: Literal["eval_loss", "perplexity", "exact_match"] = Field(
         "eval_loss", description="what the gate compares: eval_loss and perplexity (lower is better) or "
                                  "exact_match (higher is better, needs evaluate.exact_match)")
-    min_improvement: float = Field(0.0, ge=0, description="how much better than the alias holder the new version "
-                                                          "must be, in the metric's units (absolute)")
+    min_improvement: float = Field(0.0, json_schema_extra={"minimum": 0},  # finite: checked in _finite
+                                   description="how much better than the alias holder the new version must be, in "
+                                               "the metric's units (absolute): a finite number, 0 or more")
     require_better_than_base: bool = Field(True, description="the new version must also beat the base model "
                                                              "without any adapter")
     require_approval: bool = Field(False, description="pause before moving the alias until a person approves or "
@@ -61,6 +63,15 @@ class PromoteSettings(_Section):
             raise ValueError(getattr(problem, "detail", problem))
         if value == PREVIOUS_ALIAS:
             raise ValueError(f"promote.alias={value!r} is the alias the former holder gets; use e.g. 'champion'")
+        return value
+
+    @field_validator("min_improvement")
+    @classmethod
+    def _finite(cls, value: float) -> float:
+        """nan would compare false with everything and inf could never be met: both are mistakes."""
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError("must be a finite number greater than or equal to 0 (an absolute improvement in the "
+                             "metric's units, e.g. 0 or 0.01)")
         return value
 
     def explicitly_enabled(self) -> bool:

@@ -143,7 +143,50 @@ def promotion_problems(params: SaveAdapterParameters) -> list[str]:
     if promote.enabled and promote.metric == "exact_match" and not params.evaluate.exact_match:
         problems.append("promote.metric=exact_match needs evaluate.exact_match=true (exact match is only measured "
                         "then); set it, or use promote.metric=eval_loss.")
+    if promote.require_approval and not promote.enabled:
+        problems.append("promote.require_approval=true with promote.enabled=false: approval is asked only when the "
+                        "gate runs (and passes); set promote.enabled=true, or remove promote.require_approval.")
+    evaluate = params.evaluate
+    if evaluate.split != DEFAULT_SPLIT and not evaluate.dataset:
+        problems.append(f"evaluate.split={evaluate.split!r} without evaluate.dataset: the split is only read from "
+                        f"evaluate.dataset (without it the held-out dataset.eval_fraction of the training data is "
+                        f"evaluated); set evaluate.dataset, or remove evaluate.split (dataset.split picks the "
+                        f"training data's split).")
     return problems
+
+
+DEFAULT_SPLIT = "train"  # EvaluateSettings.split's default: a deployment form sends it even when nobody chose it
+
+
+def approval_problems(params: SaveAdapterParameters, temporary_prefect_api: bool) -> list[str]:
+    """`adapterflow run` without PREFECT_API_URL runs on a temporary Prefect server that ends with the command:
+    a run waiting for approval there can only time out (promote.approval_timeout_minutes, default a day)."""
+    promote = params.promote
+    if not (temporary_prefect_api and promote.require_approval and promotion_active(params)):
+        return []
+    return [f"promote.require_approval=true needs a lasting Prefect server: without PREFECT_API_URL, adapterflow "
+            f"run uses a temporary one that ends with the command, so nobody could approve and the run would wait "
+            f"promote.approval_timeout_minutes={promote.approval_timeout_minutes:g} for nothing. Start one "
+            f"(`prefect server start`) and set PREFECT_API_URL (e.g. http://127.0.0.1:4200/api), or run it through "
+            f"a deployment (`prefect deployment run`), or remove promote.require_approval."]
+
+
+def exact_match_problems(params: SaveAdapterParameters, examples) -> list[str]:
+    """evaluate.exact_match needs prompt/completion pairs among the evaluation `examples` (the Example list the
+    evaluate-adapter step scores: evaluate.dataset's, or the training data's held-out split)."""
+    from adapterflow.runtime.evaluation import prompt_completion_pairs
+
+    if not params.evaluate.exact_match or examples is None or prompt_completion_pairs(examples):
+        return []
+    asked = ("promote.metric=exact_match with evaluate.exact_match=true"
+             if params.promote.enabled and params.promote.metric == "exact_match" else "evaluate.exact_match=true")
+    source = (f"evaluate.dataset={params.evaluate.dataset!r}" if params.evaluate.dataset
+              else f"the held-out examples of dataset.path={params.dataset.path!r}")
+    kind = "chat rows (messages)" if any(e.messages is not None for e in examples) else "plain-text rows"
+    verb = "has" if params.evaluate.dataset else "have"
+    return [f"{asked}: {source} {verb} no prompt/completion pairs ({kind}); exact match compares the greedy "
+            f"continuation of a prompt with its completion. Evaluate on prompt/completion data (evaluate.dataset), "
+            f"or set evaluate.exact_match=false (and promote.metric=eval_loss)."]
 
 
 _ENDPOINT = re.compile(r"^(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(?P<port>\d{1,5})$")

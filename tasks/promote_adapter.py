@@ -137,6 +137,12 @@ def ask_for_approval(promote: PromoteSettings, proposal: dict, evaluation: dict)
         f"# Approve moving `{promote.alias}`?", "", f"The gate passed: {proposal['reason']}.", "", *table, "",
         f"Resume this flow run with approve true (promote) or false (keep the alias), and a comment. No answer in "
         f"{promote.approval_timeout_minutes:g} minutes: not promoted."]), description="Waiting for approval")
+    from prefect.runtime import flow_run
+
+    from adapterflow.tasks.prefect_links import flow_run_url
+
+    run_id = flow_run.get_id()
+    get_run_logger().info(approval_instructions(run_id, flow_run_url(run_id), promote))
     timeout = max(1, math.ceil(promote.approval_timeout_minutes * 60))
     answer_of = {"timeout_minutes": promote.approval_timeout_minutes}
     try:
@@ -147,6 +153,18 @@ def ask_for_approval(promote: PromoteSettings, proposal: dict, evaluation: dict)
         return {**answer_of, "decision": "timeout", "comment": ""}
     return {**answer_of, "decision": "approved" if answer.approve else "rejected",
             "comment": redact_text(answer.comment or "")}
+
+
+def approval_instructions(flow_run_id: str, url: Optional[str], promote: PromoteSettings) -> str:
+    """The log line of a flow run that waits for approval: how to answer, by the UI's Resume button or by
+    `prefect.flow_runs.resume_flow_run` (Prefect 3.9's `prefect flow-run` CLI has no resume command)."""
+    where = f"open {url} and press Resume" if url else "in the Prefect UI, open this flow run and press Resume"
+    command = (f"python -c \"from prefect.flow_runs import resume_flow_run; resume_flow_run('{flow_run_id}', "
+               f"run_input={{'approve': True, 'comment': 'why'}})\"")
+    return (f"Waiting up to {promote.approval_timeout_minutes:g} minutes for approval to move alias "
+            f"{promote.alias!r} (flow run {flow_run_id}): {where} (approve true or false, a comment), or run "
+            f"{command} with PREFECT_API_URL set to this server (approve False rejects). No answer in time: not "
+            f"promoted.")
 
 
 def _running_again() -> None:

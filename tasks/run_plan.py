@@ -24,8 +24,9 @@ from adapterflow.model_references import is_hub_dataset_id, is_hub_model_id
 from adapterflow.redaction import redact_text
 from adapterflow.runtime.data_sources import hub_commit
 from adapterflow.runtime.run_dir import RunDir
-from adapterflow.tasks.parameter_checks import (combination_problems, device_for, distributed_problems,
-                                                precision_problems, serving_problems)
+from adapterflow.tasks.parameter_checks import (approval_problems, combination_problems, device_for,
+                                                distributed_problems, exact_match_problems, precision_problems,
+                                                serving_problems)
 from adapterflow.runtime.training import TrainingSettings
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -85,11 +86,12 @@ class CheckedRun:
 _USER_ERRORS = (FileNotFoundError, NotADirectoryError, DatasetError, ConfigError, TargetError, ValueError, OSError)
 
 
-def check_run(params: SaveAdapterParameters) -> CheckedRun:
+def check_run(params: SaveAdapterParameters, temporary_prefect_api: bool = False) -> CheckedRun:
     """Every check that needs no Prefect server and writes nothing: the base model folder (or Hub download), the
     dataset file, the adapter config against the model's modules, the training device, the output folder.
 
-    Relative paths resolve against the current directory.
+    Relative paths resolve against the current directory. `temporary_prefect_api`: `adapterflow run` without
+    PREFECT_API_URL (its Prefect server ends with the command: promote.require_approval is refused).
 
     Raises:
         ParameterError: listing every problem found (one line each: the parameter, what is wrong, the fix).
@@ -106,8 +108,7 @@ def check_run(params: SaveAdapterParameters) -> CheckedRun:
         dataset = _check(problems, "dataset.path", lambda: replace(dataset, revision=hub_commit(dataset.path,
                                                                                                 dataset.revision)))
     examples = _check(problems, "dataset.path", lambda: load_examples(dataset)) if dataset else None
-    if dataset is not None and params.evaluate.dataset:
-        _check(problems, "evaluate.dataset", lambda: load_examples(evaluation_spec(params.evaluate, dataset)))
+    problems += evaluation_problems(params, dataset, examples)
     # Adapters name their base as others can find it: a Hub id stays a Hub id, a local base is its folder.
     is_hub_id = base_path is not None and is_hub_model_id(params.base_model.name_or_path)
     config = _check(problems, "adapter", lambda: params.adapter.lora_config(base_name if is_hub_id else str(base_path)))
@@ -134,11 +135,32 @@ def check_run(params: SaveAdapterParameters) -> CheckedRun:
     problems += _folder_problems("save.output_dir", output_dir) if output_dir else []
     problems += _folder_problems("runs_root", local_path(params.runs_root))
     problems += combination_problems(params) + distributed_problems(params.training, device)
-    problems += serving_problems(params, config)
+    problems += serving_problems(params, config) + approval_problems(params, temporary_prefect_api)
     if problems:
         message = "Invalid parameters:\n" + "\n".join(f"  - {p}" for p in problems)
         raise ParameterError(redact_text(message))  # a base model URL may carry a password
     return CheckedRun(base_path, dataset, config, n_train, output_dir, device)
+
+
+def evaluation_problems(params: SaveAdapterParameters, dataset: Optional[DataSpec], examples) -> list[str]:
+    """evaluate.dataset readable (an unknown split named as evaluate.split, not dataset.split), and pairs for
+    evaluate.exact_match among the examples evaluate-adapter will score (evaluate.dataset's, or the training
+    data's held-out split, as `split_examples` makes it)."""
+    if dataset is None:
+        return []
+    if params.evaluate.dataset:
+        try:
+            scored = load_examples(evaluation_spec(params.evaluate, dataset))
+        except _USER_ERRORS as exc:
+            message = str(exc)
+            if message.startswith("dataset.split="):  # read_split names the training data's parameter
+                message = "evaluate.split=" + message[len("dataset.split="):]
+            return [message if message.startswith("evaluate.dataset") else f"evaluate.dataset: {message}"]
+    elif examples is not None:
+        scored = split_examples(examples, params.dataset.eval_fraction, params.training.seed)[1]
+    else:
+        return []
+    return exact_match_problems(params, scored)
 
 
 def data_spec(params: SaveAdapterParameters) -> DataSpec:

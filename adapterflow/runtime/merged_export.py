@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from transformers import AutoModelForCausalLM
@@ -32,7 +32,7 @@ class MergedExportError(ValueError):
 @torch.no_grad()
 def export_merged_model(base_path: str | os.PathLike, adapter_dir: str | os.PathLike, target: str | os.PathLike,
                         probe: dict[str, torch.Tensor], *, base_dtype: torch.dtype, atol: float,
-                        dtype: Optional[torch.dtype] = None, max_shard_size: str = "5GB",
+                        dtype: Optional[torch.dtype] = None, max_shard_size: Union[int, str] = "5GB",
                         adapter_name: str = formats.DEFAULT_ADAPTER_NAME, card: Optional[str] = None) -> dict:
     """Merge the saved adapter into the base model and write it to `target` atomically, checked.
 
@@ -51,7 +51,8 @@ def export_merged_model(base_path: str | os.PathLike, adapter_dir: str | os.Path
         base_dtype: dtype the base is loaded in (the run's base_model.dtype). dtype: of the merged weights
             (default base_dtype).
         atol: largest allowed |logit difference| (fp32: FP32_ATOL; 16-bit: the verify tolerance).
-        max_shard_size: transformers' size string, e.g. "5GB". card: README.md text, or None for none.
+        max_shard_size: transformers' size string, e.g. "5GB", or an int number of bytes. card: README.md text,
+            or None for none.
 
     Returns:
         {"path", "bytes" (all files), "shards" (safetensors files), "dtype", "max_abs_diff", "atol"}.

@@ -14,7 +14,9 @@ import pytest
 import torch
 from mlflow import MlflowClient
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
+from prefect.client.schemas.filters import (FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType, LogFilter,
+                                            LogFilterFlowRunId)
+from prefect.flow_runs import resume_flow_run
 from prefect.client.schemas.objects import StateType
 
 from adapterflow.runtime.base_models import load_base_model, load_tokenizer
@@ -121,8 +123,9 @@ def _answer_when_paused(name: str, run_input: dict | None, seen: list) -> thread
                 for flow_run in client.read_flow_runs(flow_run_filter=paused):
                     if flow_run.parameters["config"]["mlflow"]["registered_model_name"] == name:
                         seen.append(flow_run.id)
-                        if run_input is not None:
-                            client.resume_flow_run(flow_run.id, run_input=run_input)
+                        seen.append(_approval_log_line(client, flow_run.id, deadline))
+                        if run_input is not None:  # as the log line says (the id as text, as it is printed)
+                            resume_flow_run(str(flow_run.id), run_input=run_input)
                         return
                 time.sleep(0.5)
 
@@ -130,6 +133,17 @@ def _answer_when_paused(name: str, run_input: dict | None, seen: list) -> thread
     thread = threading.Thread(target=contextvars.copy_context().run, args=(review,), daemon=True)
     thread.start()
     return thread
+
+
+def _approval_log_line(client, flow_run_id, deadline: float) -> str:
+    """The flow run's log line that says how to approve (logs reach the API in batches: polled)."""
+    logs = LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id]))
+    while time.monotonic() < deadline:
+        for log in client.read_logs(log_filter=logs):
+            if "for approval" in log.message:
+                return log.message
+        time.sleep(0.5)
+    return ""
 
 
 @pytest.mark.parametrize("answer, promoted, words", [
@@ -147,6 +161,9 @@ def test_approval_through_the_prefect_client(tmp_path_factory, mlflow_server, an
                      promote={"require_approval": True, "approval_timeout_minutes": 0.1 if answer is None else 5})
     reviewer.join(timeout=10)
     assert seen, "the flow run never paused"
+    flow_run_id, line = seen  # the log says how to answer: the id, the call, the timeout
+    assert f"resume_flow_run('{flow_run_id}', run_input={{'approve': True" in line, line
+    assert "press Resume" in line and "minutes for approval to move alias 'champion'" in line, line
     assert state.is_completed() and state.name == ("Completed" if promoted else "NotPromoted"), state.message
     summary = state.result()
     version = summary["mlflow"]["model_version"]

@@ -120,3 +120,22 @@ def test_the_nightly_deployment_runs_behind_the_promotion_gate():
     assert not config.hub.push_when_not_promoted and promotion_problems(config) == []
     off = SaveAdapterParameters.model_validate({**nightly["parameters"]["config"], "mlflow": {"enabled": False}})
     assert "promote.enabled=true needs mlflow.enabled=true" in promotion_problems(off)[0]
+
+
+def test_max_shard_size_takes_a_number_of_bytes_as_transformers_does():
+    """`--set export.max_shard_size=1000000` (an int, as save_pretrained takes it) is accepted, here and by the
+    schema the Prefect server validates deployment runs against; a unit string still needs a byte unit."""
+    import jsonschema
+    from transformers.utils.hub import convert_file_size_to_int
+
+    from adapterflow.flows.loading import load_parameters
+
+    assert load_parameters(None, ["export.max_shard_size=1000000"]).export.max_shard_size == 1000000
+    assert convert_file_size_to_int(1000000) == 1000000  # what the export passes to save_pretrained
+    assert load_parameters(None, ["export.max_shard_size=500KB"]).export.max_shard_size == "500KB"
+    field = flow_schema()["definitions"]["ExportSettings"]["properties"]["max_shard_size"]
+    for good in (1000000, "5GB", "500MiB"):
+        jsonschema.validate(good, field)
+    for bad in (0, "5Gb", "1000000", True):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(bad, field)

@@ -88,7 +88,15 @@ def test_exact_match_equals_a_greedy_decode_by_hand(setup):
     ("perplexity", 3.0, 9.0, 4.0, {"champion_version": "1"}, True, "beats version 1"),
     ("exact_match", 0.5, 0.1, 0.4, {"champion_version": "2"}, True, "beats version 2's 0.4"),  # higher is better
     ("exact_match", 0.3, 0.1, 0.4, {"champion_version": "2"}, False, "not better than version 2's"),
-    ("exact_match", None, 0.1, None, {}, False, "could not be measured"),
+    ("exact_match", None, 0.1, None, {}, False, "no prompt/completion pairs"),
+    # Ties within float noise (1e-6 x max(1, |reference|)) keep the holder / fail the base check.
+    ("eval_loss", 2.2 - 2.2e-7, 3.0, 2.2, {"champion_version": "5"}, False, "a tie within float noise"),
+    ("eval_loss", 2.2 + 2.2e-7, 3.0, 2.2, {"champion_version": "5"}, False, "a tie within float noise"),
+    ("eval_loss", 0.5 - 9e-7, 3.0, 0.5, {"champion_version": "5"}, False, "a tie within float noise"),  # below 1
+    ("eval_loss", 2.2 - 1e-5, 3.0, 2.2, {"champion_version": "5"}, True, "beats version 5"),  # above the noise
+    ("eval_loss", 2.0 - 1e-7, 2.0, None, {}, False, "not better than the base model's 2 (a tie within float"),
+    ("perplexity", 1000.0 - 5e-4, 2000.0, 1000.0, {"champion_version": "6"}, False, "a tie"),  # relative above 1
+    ("perplexity", 1000.0 - 5e-3, 2000.0, 1000.0, {"champion_version": "6"}, True, "beats version 6"),
     ("eval_loss", 1.0, 2.0, None, {"champion_version": "4", "champion_problem": "no base"}, False, "no base"),
     ("eval_loss", float("nan"), 2.0, None, {}, False, "could not be measured"),
 ])
