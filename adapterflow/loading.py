@@ -53,7 +53,8 @@ def read_verified_adapter(folder: Path, model: nn.Module, verify_manifest: bool 
     data = _json_or_none(config_bytes)
     # The same settings written differently (re-indented, keys reordered) are the same adapter: a load compares
     # them by their canonical digest; verify_manifest (the Hub push) still wants the very bytes.
-    same_settings = data is not None and manifest.get("adapter_config_sha256") == config_sha256(data)
+    settings_sha256 = None if data is None else config_sha256(data)
+    same_settings = settings_sha256 is not None and manifest.get("adapter_config_sha256") == settings_sha256
     problems = [None if same_settings else file_problem(folder, formats.CONFIG_NAME, manifest,
                                                         bytes_digest(config_bytes)),
                 file_problem(folder, weights.name, manifest, file_digest(weights))]
@@ -66,7 +67,7 @@ def read_verified_adapter(folder: Path, model: nn.Module, verify_manifest: bool 
             "was):\n" + "\n".join(f"  - {p}" for p in problems)
             + f"\nSave or download the adapter again; if the folder was rewritten on purpose, delete "
               f"{folder / formats.MANIFEST_NAME}; or {_SKIP}.")
-    if manifest.get("adapter_config_sha256") not in (None, config_sha256(data)):
+    if manifest.get("adapter_config_sha256") not in (None, settings_sha256):
         raise ManifestError(f"{config_path} does not have the settings its {formats.MANIFEST_NAME} records "
                             f"(adapter_config_sha256); save the adapter again, or {_SKIP}.")
     state, config = read_weights(folder), LoraConfig.from_dict(data)

@@ -78,9 +78,9 @@ def run_command(config_file: str | None, overrides: list[str], debug: bool = Fal
     from adapterflow.tasks.prepare_run import check_rerun
     from adapterflow.tasks.run_plan import check_run
 
-    temporary = not os.environ.get("PREFECT_API_URL")  # flows/server.py then starts one that ends with the command
-    check_rerun(parameters, check_run(parameters, temporary_prefect_api=temporary))
-    from adapterflow.flows.server import handle_termination, temporary_prefect_api
+    from adapterflow.flows.server import handle_termination, temporary_prefect_api, uses_temporary_server
+
+    check_rerun(parameters, check_run(parameters, temporary_prefect_api=uses_temporary_server()))
 
     with handle_termination(), temporary_prefect_api():  # SIGTERM acts as Ctrl-C; no server outlives the command
         from adapterflow.flows.save_adapter import save_adapter

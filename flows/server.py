@@ -39,6 +39,12 @@ DRAIN_TIMEOUT_S = 10
 _SERVER_ENV = {"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
 
 
+def uses_temporary_server() -> bool:
+    """Whether `temporary_prefect_api` will start a server of its own (no PREFECT_API_URL): one that ends with
+    the command."""
+    return not os.environ.get("PREFECT_API_URL")
+
+
 @contextlib.contextmanager
 def temporary_prefect_api() -> Iterator[str]:
     """Yield a Prefect API URL: PREFECT_API_URL when set, else that of a temporary server started here.
@@ -52,8 +58,8 @@ def temporary_prefect_api() -> Iterator[str]:
         RuntimeError: the server exited or was not healthy within PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
             (default 120); the message has the tail of its log.
     """
-    given = os.environ.get("PREFECT_API_URL")
-    if given:
+    if not uses_temporary_server():
+        given = os.environ["PREFECT_API_URL"]
         _check_reachable(given)
         yield given
         return

@@ -22,7 +22,7 @@ from adapterflow.flows.parameters import (BUILTIN_PREFIX, ParameterError, SaveAd
                                           local_path)
 from adapterflow.model_references import is_hub_dataset_id, is_hub_model_id
 from adapterflow.redaction import redact_text
-from adapterflow.runtime.data_sources import hub_commit
+from adapterflow.runtime.data_sources import UnknownSplitError, hub_commit
 from adapterflow.runtime.run_dir import RunDir
 from adapterflow.tasks.parameter_checks import (approval_problems, combination_problems, device_for,
                                                 distributed_problems, exact_match_problems, precision_problems,
@@ -152,11 +152,9 @@ def evaluation_problems(params: SaveAdapterParameters, dataset: Optional[DataSpe
         try:
             scored = load_examples(evaluation_spec(params.evaluate, dataset))
         except _USER_ERRORS as exc:
-            message = str(exc)
-            if message.startswith("dataset.split="):  # read_split names the training data's parameter
-                message = "evaluate.split=" + message[len("dataset.split="):]
+            message = str(exc.for_parameter("evaluate.split") if isinstance(exc, UnknownSplitError) else exc)
             return [message if message.startswith("evaluate.dataset") else f"evaluate.dataset: {message}"]
-    elif examples is not None:
+    elif examples is not None and params.evaluate.exact_match:  # the held-out split matters only for the pairs
         scored = split_examples(examples, params.dataset.eval_fraction, params.training.seed)[1]
     else:
         return []

@@ -33,6 +33,18 @@ class DatasetError(ValueError):
     """A dataset that cannot be used; the message names the file (and line or row), the parameter and the fix."""
 
 
+class UnknownSplitError(DatasetError):
+    """The dataset has no split `split` (`available` lists those it has); `for_parameter` words the same error
+    for the parameter that named the split (dataset.split, or evaluate.split for the evaluation dataset)."""
+
+    def __init__(self, split: str, name: str, available: list[str], parameter: str = "dataset.split") -> None:
+        self.split, self.name, self.available = split, name, available
+        super().__init__(f"{parameter}={split!r}: {name} has no split {split!r}; available: {available}.")
+
+    def for_parameter(self, parameter: str) -> "UnknownSplitError":
+        return UnknownSplitError(self.split, self.name, self.available, parameter)
+
+
 @dataclass(frozen=True)
 class Table:
     """The rows of one split, as datasets read them.
@@ -88,8 +100,7 @@ def read_split(path: str, split: str = "train", revision: Optional[str] = None) 
         else:
             splits, table = _file(Path(location))
     if split not in splits:
-        raise DatasetError(f"dataset.split={split!r}: {table.name} has no split {split!r}; available: "
-                           f"{sorted(splits)}.")
+        raise UnknownSplitError(split, table.name, sorted(splits))
     return Table(splits[split], table.name, table.where, table.lines_of_text)
 
 
