@@ -14,8 +14,11 @@ catch pages mid-load (charts still spinning, a fading overlay) and cannot close 
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -94,11 +97,13 @@ def main(out_dir: str, *pages: str) -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    with tempfile.TemporaryDirectory() as profile:
+    # chromium's helper processes can still write into the profile for a moment after the browser exits: the
+    # whole process group is stopped, and a file they leave behind does not fail the capture.
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as profile:
         browser = subprocess.Popen(
             [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", f"--user-data-dir={profile}",
              f"--remote-debugging-port={port}", f"--window-size={WIDTH},{HEIGHT}", "--force-device-scale-factor=1",
-             "about:blank"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             "about:blank"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         try:
             page = Page(_page_websocket(port))
             page.call("Emulation.setDeviceMetricsOverride", width=WIDTH, height=HEIGHT, deviceScaleFactor=1, mobile=False)
@@ -108,7 +113,8 @@ def main(out_dir: str, *pages: str) -> None:
                 print(f"capturing {name}: {url}", flush=True)
                 page.capture(url, Path(out_dir) / f"{name}.png", actions)
         finally:
-            browser.terminate()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(browser.pid, signal.SIGTERM)  # the browser and its renderer / GPU / crashpad helpers
             browser.wait(timeout=30)
 
 
